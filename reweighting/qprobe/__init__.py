@@ -1,0 +1,32 @@
+"""Q-probe (Li et al., 2024; METHODS.md section 4): reweighting sampled completions of a language model.
+
+Draw k completions per prompt, embed each, score it with a linear probe ``Q = theta . phi + b`` and
+pick one by sampling from ``softmax(Q / beta)``. Probes are trained with ``L_Q``, ``L_CE``, ``L_PG``
+or ``L_QP`` (:mod:`.objectives`, :func:`fit_probe`) and evaluated by the exact chunked expected
+return against pass@1 and pass@k (:mod:`.evaluate`). Features come from a Hugging Face causal LM
+during ``generate`` (:mod:`.features`) or from an API (:mod:`.api`); rewards from answer matching
+(:mod:`.rewards`) or sandboxed code execution (:mod:`.sandbox`).
+"""
+
+from .evaluate import evaluate_probe, expected_return, mean_reward, pass_at_k
+from .fit import chunk_groups, fit_probe
+from .objectives import OBJECTIVES, bce_loss, mse_loss, pg_loss, preference_loss
+from .probe import QProbe
+from .select import select, selection_weights
+
+__all__ = [
+    "OBJECTIVES",
+    "QProbe",
+    "bce_loss",
+    "chunk_groups",
+    "evaluate_probe",
+    "expected_return",
+    "fit_probe",
+    "mean_reward",
+    "mse_loss",
+    "pass_at_k",
+    "pg_loss",
+    "preference_loss",
+    "select",
+    "selection_weights",
+]

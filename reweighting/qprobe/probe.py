@@ -1,0 +1,93 @@
+"""The Q-probe: a linear (or small MLP) head on embeddings, ``Q(x, a) = theta . phi(x, a) + b``.
+
+METHODS.md section 4. ``phi(x, a)`` is an embedding of a prompt and one completion (a hidden state
+of the base model at the last completion token, or an API embedding). Inputs are standardised
+with a per-feature mean and scale kept as buffers, so a probe saved to disk carries everything it
+needs to score new features.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+__all__ = ["QProbe"]
+
+
+class QProbe(nn.Module):
+    """``Q(phi) = theta . ((phi - mean) / scale) + b``, or a small MLP when ``hidden`` is not empty.
+
+    ``dim`` is the embedding size; ``hidden`` the widths of the MLP's hidden layers (ReLU), empty for
+    the paper's linear probe. ``mean`` and ``scale`` default to 0 and 1 (no standardisation);
+    :func:`~reweighting.qprobe.fit_probe` sets them from the training features when asked.
+    ``forward(features [..., dim]) -> Q [...]`` (float32).
+    """
+
+    def __init__(self, dim: int, hidden: Sequence[int] = ()):
+        super().__init__()
+        if int(dim) < 1:
+            raise ValueError(f"dim must be >= 1, got {dim!r}")
+        hidden = tuple(int(h) for h in hidden)
+        if any(h < 1 for h in hidden):
+            raise ValueError(f"hidden widths must be >= 1, got {hidden!r}")
+        self.dim = int(dim)
+        self.hidden = hidden
+        layers: list[nn.Module] = []
+        width = self.dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+        self.register_buffer("mean", torch.zeros(self.dim))
+        self.register_buffer("scale", torch.ones(self.dim))
+
+    def set_standardization(self, mean: torch.Tensor, scale: torch.Tensor) -> None:
+        """Use ``(phi - mean) / scale`` as the probe's input (``scale`` entries must be > 0)."""
+        if mean.shape != (self.dim,) or scale.shape != (self.dim,):
+            raise ValueError(f"mean and scale must have shape ({self.dim},), got {tuple(mean.shape)}, "
+                             f"{tuple(scale.shape)}")
+        if not bool((scale > 0).all()):
+            raise ValueError("scale must be > 0 for every feature")
+        self.mean.copy_(mean.float())
+        self.scale.copy_(scale.float())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.shape[-1] != self.dim:
+            raise ValueError(f"features must have last dimension {self.dim}, got shape {tuple(features.shape)}")
+        x = (features.to(self.mean.dtype) - self.mean) / self.scale
+        return self.net(x).squeeze(-1)
+
+    @torch.no_grad()
+    def score(self, features: torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
+        """Detached float32 ``Q`` for many features, in batches (no graph kept)."""
+        flat = features.reshape(-1, self.dim)
+        out = torch.cat([self(flat[i:i + batch_size]) for i in range(0, flat.shape[0], batch_size)]) \
+            if flat.shape[0] else flat.new_zeros(0)
+        return out.reshape(features.shape[:-1]).float()
+
+    def save(self, path: str | Path) -> None:
+        """Write the probe (weights, standardisation and shape) to a safetensors file."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={"qprobe": json.dumps({"dim": self.dim, "hidden": list(self.hidden)})})
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> QProbe:
+        """Read a probe written by :meth:`save`."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("qprobe")
+        if meta is None:
+            raise ValueError(f"{path} is not a Q-probe file (no 'qprobe' metadata)")
+        shape = json.loads(meta)
+        probe = cls(shape["dim"], shape["hidden"])
+        probe.load_state_dict(load_file(str(path), device=str(map_location)))
+        return probe
