@@ -1,0 +1,16 @@
+"""Self-influence: exact per-sample gradient norms (ghost norms per layer type, a ``torch.func``
+reference) and PRESENCE reweighting (METHODS.md section 2)."""
+
+from .engine import SelfInfluence, microbatch_sizes
+from .presence import PresenceReweighter, presence_weights
+from .reference import per_sample_grads, per_sample_grads_loop, per_sample_sq_norms
+
+__all__ = [
+    "SelfInfluence",
+    "PresenceReweighter",
+    "presence_weights",
+    "microbatch_sizes",
+    "per_sample_grads",
+    "per_sample_grads_loop",
+    "per_sample_sq_norms",
+]

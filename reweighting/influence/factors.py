@@ -1,0 +1,158 @@
+"""Per-sample gradients of one parameter use, kept in factored form.
+
+A layer's per-sample gradient is a sum over the sample's positions ``t`` (tokens, pixels) of a
+simple per-position term built from the stored input activation and output gradient. Three forms
+cover every supported layer (METHODS.md section 2):
+
+- :class:`OuterFactor`: ``g_u = sum_t G_ut^T X_ut`` (weights of Linear and Conv, per group ``h``);
+- :class:`SumFactor`: ``g_u = sum_t V_ut`` (biases, LayerNorm's ``sum_t G_ut * xhat_ut``);
+- :class:`RowsFactor`: ``g_u = sum_t onehot(idx_ut) G_ut^T`` (Embedding).
+
+Each gives the squared norms ``||g_u||^2`` for every unit ``u`` (a sample, or a micro-batch once
+:meth:`grouped`), the materialised ``g_u`` (needed when a parameter is shared between modules, so
+that the cross terms of the sum of its uses are exact), and the weighted batch gradient
+``sum_u w_u g_u`` used for the book-keeping update. Everything is computed in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["OuterFactor", "SumFactor", "RowsFactor", "Factor", "group_rows"]
+
+
+def group_rows(t: torch.Tensor, sizes: list[int], fill: float | int = 0) -> torch.Tensor:
+    """``[B, T, ...]`` to ``[n, max(sizes) * T, ...]``: the rows of each group laid end to end.
+
+    A group's positions are the union of its samples' positions, so a factor over groups gives
+    the gradient of the group's summed loss. Short groups are padded with ``fill`` (a zero output
+    gradient, or index -1), which contributes nothing.
+    """
+    n, longest = len(sizes), max(sizes)
+    if all(s == longest for s in sizes):
+        return t.reshape(n, longest * t.shape[1], *t.shape[2:])
+    out = t.new_full((n, longest, *t.shape[1:]), fill)
+    for k, chunk in enumerate(t.split(sizes)):
+        out[k, : chunk.shape[0]] = chunk
+    return out.reshape(n, longest * t.shape[1], *t.shape[2:])
+
+
+@dataclass
+class OuterFactor:
+    """``g_u = sum_t G_ut^T X_ut`` per group ``h``: ``x`` is ``[U, T, H, a]``, ``g`` is ``[U, T, H, b]``.
+
+    The parameter is the ``[H, b, a]`` array reshaped to ``shape``. The squared norm is taken in
+    the ghost form ``sum((X_h X_h^T) * (G_h G_h^T))`` (cost ``T^2 (a + b)`` per unit) when that is
+    cheaper than materialising ``G_h^T X_h`` (cost ``T a b``), and by materialising otherwise.
+    """
+
+    x: torch.Tensor
+    g: torch.Tensor
+    shape: torch.Size
+
+    @property
+    def units(self) -> int:
+        return self.x.shape[0]
+
+    def ghost_is_cheaper(self) -> bool:
+        _, t, _, a = self.x.shape
+        b = self.g.shape[-1]
+        return t * (a + b) < a * b
+
+    def sq_norms(self) -> torch.Tensor:
+        if self.ghost_is_cheaper():
+            x = self.x.transpose(1, 2)  # [U, H, T, a]
+            g = self.g.transpose(1, 2)
+            if self.x.shape[1] == 1:  # one position: ||g x^T||^2 = ||x||^2 ||g||^2
+                return (x.square().sum(-1) * g.square().sum(-1)).sum((1, 2))
+            xx = x @ x.transpose(-1, -2)
+            gg = g @ g.transpose(-1, -2)
+            return (xx * gg).sum((1, 2, 3))
+        return self.per_unit().flatten(1).square().sum(1)
+
+    def per_unit(self) -> torch.Tensor:
+        u = self.units
+        x = self.x.transpose(1, 2)  # [U, H, T, a]
+        g = self.g.transpose(1, 2)  # [U, H, T, b]
+        return (g.transpose(-1, -2) @ x).reshape(u, *self.shape)
+
+    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+        h, a, b = self.x.shape[2], self.x.shape[3], self.g.shape[3]
+        x = self.x.transpose(0, 2).reshape(h, -1, a)  # [H, T*U, a]
+        g = (self.g * w.view(-1, 1, 1, 1)).transpose(0, 2).reshape(h, -1, b)
+        return (g.transpose(-1, -2) @ x).reshape(self.shape)
+
+    def grouped(self, sizes: list[int]) -> OuterFactor:
+        return OuterFactor(group_rows(self.x, sizes), group_rows(self.g, sizes), self.shape)
+
+
+@dataclass
+class SumFactor:
+    """``g_u = sum_t V_ut``: ``v`` is ``[U, T, P]`` and the parameter has ``P`` elements in ``shape``."""
+
+    v: torch.Tensor
+    shape: torch.Size
+
+    @property
+    def units(self) -> int:
+        return self.v.shape[0]
+
+    def sq_norms(self) -> torch.Tensor:
+        return self.v.sum(1).square().sum(1)
+
+    def per_unit(self) -> torch.Tensor:
+        return self.v.sum(1).reshape(self.units, *self.shape)
+
+    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("u,utp->p", w, self.v).reshape(self.shape)
+
+    def grouped(self, sizes: list[int]) -> SumFactor:
+        return SumFactor(group_rows(self.v, sizes), self.shape)
+
+
+@dataclass
+class RowsFactor:
+    """``g_u = sum_t onehot(idx_ut) G_ut^T``: ``idx`` is ``[U, T]`` (-1: no gradient), ``g`` is ``[U, T, d]``.
+
+    The squared norm ``sum_{t,s} [idx_t == idx_s] <G_t, G_s>`` is computed exactly in ``O(T d)``
+    rather than ``O(T^2 d)``: the output gradients are summed per distinct (unit, row) pair first.
+    """
+
+    idx: torch.Tensor
+    g: torch.Tensor
+    shape: torch.Size  # (num_rows, d)
+
+    @property
+    def units(self) -> int:
+        return self.idx.shape[0]
+
+    def _keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.shape[0]
+        unit = torch.arange(self.units, device=self.idx.device).unsqueeze(1).expand_as(self.idx)
+        valid = self.idx >= 0
+        return (unit * rows + self.idx)[valid], valid
+
+    def sq_norms(self) -> torch.Tensor:
+        keys, valid = self._keys()
+        distinct, inverse = torch.unique(keys, return_inverse=True)
+        sums = self.g.new_zeros(distinct.shape[0], self.g.shape[-1]).index_add_(0, inverse, self.g[valid])
+        per_key = sums.square().sum(1)
+        return self.g.new_zeros(self.units).index_add_(0, distinct // self.shape[0], per_key)
+
+    def per_unit(self) -> torch.Tensor:
+        keys, valid = self._keys()
+        out = self.g.new_zeros(self.units * self.shape[0], self.shape[1])
+        return out.index_add_(0, keys, self.g[valid]).reshape(self.units, *self.shape)
+
+    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+        valid = self.idx >= 0
+        scaled = (self.g * w.view(-1, 1, 1))[valid]
+        return self.g.new_zeros(*self.shape).index_add_(0, self.idx[valid], scaled)
+
+    def grouped(self, sizes: list[int]) -> RowsFactor:
+        return RowsFactor(group_rows(self.idx, sizes, fill=-1), group_rows(self.g, sizes), self.shape)
+
+
+Factor = OuterFactor | SumFactor | RowsFactor
