@@ -12,11 +12,22 @@ from .evaluate import evaluate_probe, expected_return, mean_reward, pass_at_k
 from .fit import chunk_groups, fit_probe
 from .objectives import OBJECTIVES, bce_loss, mse_loss, pg_loss, preference_loss
 from .probe import QProbe
+from .rewards import exact_match, extract_number, numeric_match
+from .sandbox import ExecutionResult, SandboxLimits, code_reward, humaneval_program, run_program, run_programs
 from .select import select, selection_weights
 
 __all__ = [
     "OBJECTIVES",
+    "ExecutionResult",
     "QProbe",
+    "SandboxLimits",
+    "code_reward",
+    "exact_match",
+    "extract_number",
+    "humaneval_program",
+    "numeric_match",
+    "run_program",
+    "run_programs",
     "bce_loss",
     "chunk_groups",
     "evaluate_probe",
