@@ -1,0 +1,186 @@
+"""Training the time-dependent discriminator ``d(x_t, t)`` behind TIW-DSM's ratio (METHODS.md section 5).
+
+Reference samples (from ``p_data``) are class 1 and biased samples class 0. Both are noised with
+the score model's schedule and time sampler, and the two classes get equal weight in the
+binary cross-entropy whatever their sizes, so that at the optimum
+``logit(x_t, t) = log p_data^t(x_t) - log p_bias^t(x_t)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .schedules import NoiseSchedule
+
+__all__ = ["TimeDependentDiscriminator", "DiscriminatorFit", "balanced_bce", "train_discriminator"]
+
+
+class TimeDependentDiscriminator(nn.Module):
+    """Wraps ``net(x_t, t)`` (any output of one value per sample) into a logit of shape ``[B]``.
+
+    ``time_transform`` maps the schedule's ``t`` to what ``net`` expects (for example the log of
+    EDM's noise level). ``probability(x_t, t)`` is ``d = sigmoid(logit)``.
+    """
+
+    def __init__(self, net: nn.Module, time_transform=None) -> None:
+        super().__init__()
+        self.net = net
+        self.time_transform = time_transform
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.net(x_t, self.time_transform(t) if self.time_transform is not None else t)
+        if out.dim() == 2 and out.shape[1] == 1:
+            out = out.squeeze(1)
+        if out.shape != (x_t.shape[0],):
+            raise ValueError(f"net must return one logit per sample (shape [{x_t.shape[0]}]), got {tuple(out.shape)}")
+        return out
+
+    def probability(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self(x_t, t))
+
+
+def balanced_bce(logit_reference: torch.Tensor, logit_biased: torch.Tensor) -> torch.Tensor:
+    """``(BCE(logit_ref, 1) + BCE(logit_bias, 0)) / 2``: each class counts half, whatever its size."""
+    ref = F.binary_cross_entropy_with_logits(logit_reference, torch.ones_like(logit_reference))
+    bias = F.binary_cross_entropy_with_logits(logit_biased, torch.zeros_like(logit_biased))
+    return 0.5 * (ref + bias)
+
+
+@dataclass
+class DiscriminatorFit:
+    """What :func:`train_discriminator` did: the best held-out loss and when, and the curve.
+
+    ``history`` holds ``(step, mean training loss since the last evaluation, held-out loss)``.
+    ``log(2) ~ 0.693`` is the loss of a discriminator that cannot tell the sets apart.
+    """
+
+    best_step: int
+    best_holdout_loss: float
+    steps_run: int
+    stopped_early: bool
+    history: list[tuple[int, float, float]] = field(default_factory=list)
+
+
+def _split(x: torch.Tensor, fraction: float, generator: torch.Generator, name: str) -> tuple[torch.Tensor, ...]:
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"{name} needs at least 2 samples to hold some out, got {n}")
+    n_out = min(max(1, round(fraction * n)), n - 1)
+    perm = torch.randperm(n, generator=generator)
+    return x[perm[n_out:]], x[perm[:n_out]]
+
+
+def _noised(schedule: NoiseSchedule, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    t = schedule.sample_time(x.shape[0], generator=generator).to(x.device)
+    noise = torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
+    x_t, _ = schedule.add_noise(x, t, noise)
+    return x_t, t
+
+
+def _repeat(x: torch.Tensor, times: int) -> torch.Tensor:
+    return x.repeat(times, *[1] * (x.dim() - 1))
+
+
+@torch.no_grad()
+def _logits(discriminator: nn.Module, x_t: torch.Tensor, t: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    return torch.cat([discriminator(x_t[i : i + chunk], t[i : i + chunk]).reshape(-1)
+                      for i in range(0, x_t.shape[0], chunk)])
+
+
+def train_discriminator(
+    discriminator: nn.Module,
+    reference: torch.Tensor,
+    biased: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    steps: int = 2000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    holdout_fraction: float = 0.1,
+    holdout_repeats: int = 8,
+    eval_every: int = 100,
+    patience: int = 5,
+    generator: torch.Generator | None = None,
+    show_progress: bool = True,
+    desc: str = "discriminator",
+) -> DiscriminatorFit:
+    """Fit ``discriminator(x_t, t) -> logit [B]`` to tell noised reference samples (1) from biased ones (0).
+
+    Each step draws ``batch_size / 2`` samples from each set (with replacement), noises them with
+    ``schedule`` at times from ``schedule.sample_time``, and takes an Adam step on
+    :func:`balanced_bce`. A share ``holdout_fraction`` of each set is held out, noised once at
+    ``holdout_repeats`` fixed times per sample (so evaluations compare like with like), and
+    scored every ``eval_every`` steps; training stops after ``patience`` evaluations without
+    improvement and the best parameters are restored. The discriminator is left in ``eval()`` mode.
+    """
+    if reference.shape[1:] != biased.shape[1:]:
+        raise ValueError(
+            f"reference samples have shape {tuple(reference.shape[1:])} but biased ones {tuple(biased.shape[1:])}"
+        )
+    if steps < 1 or batch_size < 2 or eval_every < 1 or patience < 1 or holdout_repeats < 1:
+        raise ValueError(
+            f"need steps >= 1, batch_size >= 2, eval_every >= 1, patience >= 1, holdout_repeats >= 1; got "
+            f"{steps}, {batch_size}, {eval_every}, {patience}, {holdout_repeats}"
+        )
+    if not (0.0 < holdout_fraction < 1.0):
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}")
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    device = next(discriminator.parameters()).device
+    ref_train, ref_out = _split(reference.float(), holdout_fraction, gen, "reference")
+    bias_train, bias_out = _split(biased.float(), holdout_fraction, gen, "biased")
+    ref_train, bias_train = ref_train.to(device), bias_train.to(device)
+    ref_out_t, ref_out_time = _noised(schedule, _repeat(ref_out, holdout_repeats).to(device), gen)
+    bias_out_t, bias_out_time = _noised(schedule, _repeat(bias_out, holdout_repeats).to(device), gen)
+
+    def holdout_loss() -> float:
+        discriminator.eval()
+        loss = balanced_bce(_logits(discriminator, ref_out_t, ref_out_time),
+                            _logits(discriminator, bias_out_t, bias_out_time))
+        discriminator.train()
+        return float(loss)
+
+    optimizer = torch.optim.Adam(discriminator.parameters(), lr=lr, weight_decay=weight_decay)
+    half = batch_size // 2
+    best = holdout_loss()
+    best_step, best_state = 0, copy.deepcopy(discriminator.state_dict())
+    history: list[tuple[int, float, float]] = [(0, float("nan"), best)]
+    since_best, running, count, step = 0, 0.0, 0, 0
+    stopped = False
+    discriminator.train()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=not show_progress, leave=False, dynamic_ncols=True)
+    for step in bar:
+        i_ref = torch.randint(ref_train.shape[0], (half,), generator=gen).to(device)
+        i_bias = torch.randint(bias_train.shape[0], (half,), generator=gen).to(device)
+        xr, tr = _noised(schedule, ref_train[i_ref], gen)
+        xb, tb = _noised(schedule, bias_train[i_bias], gen)
+        logits = discriminator(torch.cat([xr, xb]), torch.cat([tr, tb])).reshape(-1)
+        loss = balanced_bce(logits[:half], logits[half:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running, count = running + float(loss.detach()), count + 1
+        if step % eval_every == 0 or step == steps:
+            held = holdout_loss()
+            history.append((step, running / count, held))
+            running, count = 0.0, 0
+            bar.set_postfix(holdout=f"{held:.4f}", best=f"{min(best, held):.4f}")
+            if held < best:
+                best, best_step, best_state, since_best = held, step, copy.deepcopy(discriminator.state_dict()), 0
+            else:
+                since_best += 1
+                if since_best >= patience:
+                    stopped = True
+                    break
+    bar.close()
+    discriminator.load_state_dict(best_state)
+    discriminator.eval()
+    return DiscriminatorFit(best_step=best_step, best_holdout_loss=best, steps_run=step, stopped_early=stopped,
+                            history=history)

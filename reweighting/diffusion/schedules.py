@@ -1,0 +1,213 @@
+"""Noise schedules of the forward diffusion ``x_t = alpha(t) x_0 + sigma(t) eps`` (METHODS.md section 5).
+
+Each schedule gives ``alpha(t)``, ``sigma(t)``, the distribution of ``t`` used in training
+(:meth:`NoiseSchedule.sample_time`) and a decreasing grid of times for sampling
+(:meth:`NoiseSchedule.time_grid`). The score model, the discriminator and the samplers all take
+``t`` as the schedule defines it (for :class:`EDM`, ``t`` is the noise level ``sigma`` itself).
+Everything is computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["NoiseSchedule", "VPLinear", "VPCosine", "VE", "EDM", "SCHEDULES", "make_schedule"]
+
+
+class NoiseSchedule(ABC):
+    """``alpha(t)``, ``sigma(t)`` on ``[t_min, t_max]``, a training time sampler and a sampling grid."""
+
+    t_min: float
+    t_max: float
+
+    @abstractmethod
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal scale ``alpha(t)``."""
+
+    @abstractmethod
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Noise scale ``sigma(t)``."""
+
+    def sample_time(
+        self, n: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """``n`` training times, uniform on ``[t_min, t_max]`` unless the schedule says otherwise."""
+        u = torch.rand(n, generator=generator, device=device)
+        return self.t_min + (self.t_max - self.t_min) * u
+
+    def time_grid(self, steps: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+        """``steps + 1`` times decreasing from ``t_max`` to ``t_min`` (uniform in ``t`` by default)."""
+        _check_steps(steps)
+        return torch.linspace(self.t_max, self.t_min, steps + 1, device=device)
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha(t), sigma(t))`` in float32."""
+        t = torch.as_tensor(t, dtype=torch.float32)
+        return self.alpha(t), self.sigma(t)
+
+    def add_noise(
+        self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+        *, generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t, eps)`` with ``x_t = alpha(t) x0 + sigma(t) eps``; ``t`` has shape ``[B]``."""
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        a, s = (v.to(x0.dtype) for v in self.alpha_sigma(t))
+        return expand_like(a, x0) * x0 + expand_like(s, x0) * noise, noise
+
+
+def expand_like(per_sample: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """View a ``[B]`` tensor as ``[B, 1, ..., 1]`` so that it scales each sample of ``x`` on its own."""
+    if per_sample.dim() != 1 or per_sample.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"expected one value per sample (shape [{x.shape[0]}]), got shape {tuple(per_sample.shape)}"
+        )
+    return per_sample.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def _check_steps(steps: int) -> None:
+    if int(steps) < 1:
+        raise ValueError(f"steps must be >= 1, got {steps!r}")
+
+
+def _check_range(t_min: float, t_max: float) -> None:
+    if not (0.0 <= t_min < t_max):
+        raise ValueError(f"need 0 <= t_min < t_max, got t_min={t_min!r}, t_max={t_max!r}")
+
+
+@dataclass(frozen=True)
+class VPLinear(NoiseSchedule):
+    """Variance-preserving, linear ``beta`` (DDPM / score SDE).
+
+    ``log alpha = -beta_min t / 2 - (beta_max - beta_min) t^2 / 4``,
+    ``sigma = sqrt(1 - alpha^2)``; ``t`` uniform on ``[t_min, 1]``.
+    """
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    t_min: float = 1e-3
+    t_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_range(self.t_min, self.t_max)
+        if not (0.0 <= self.beta_min <= self.beta_max):
+            raise ValueError(f"need 0 <= beta_min <= beta_max, got {self.beta_min!r}, {self.beta_max!r}")
+
+    def _log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * self.beta_min * t - 0.25 * (self.beta_max - self.beta_min) * t * t
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self._log_alpha(t.float()))
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        # -expm1(2 log alpha) = 1 - alpha^2 without cancellation at small t.
+        return torch.sqrt(-torch.expm1(2 * self._log_alpha(t.float())))
+
+
+@dataclass(frozen=True)
+class VPCosine(NoiseSchedule):
+    """Variance-preserving cosine schedule (Nichol & Dhariwal).
+
+    ``alpha = cos(pi/2 (t + s)/(1 + s)) / cos(pi/2 s/(1 + s))``,
+    ``sigma = sqrt(1 - alpha^2)``. ``t_max`` stays below 1, where ``alpha`` reaches 0 and the
+    ``x_0`` and ``v`` parameterisations divide by it.
+    """
+
+    s: float = 0.008
+    t_min: float = 1e-3
+    t_max: float = 0.999
+
+    def __post_init__(self) -> None:
+        _check_range(self.t_min, self.t_max)
+        if self.t_max >= 1.0:
+            raise ValueError(f"t_max must be < 1 for the cosine schedule (alpha(1) = 0), got {self.t_max!r}")
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        half_pi = math.pi / 2
+        return torch.cos(half_pi * (t.float() + self.s) / (1 + self.s)) / math.cos(half_pi * self.s / (1 + self.s))
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(torch.clamp(1 - self.alpha(t) ** 2, min=0.0))
+
+
+@dataclass(frozen=True)
+class VE(NoiseSchedule):
+    """Variance-exploding (NCSN / score SDE).
+
+    ``alpha = 1``, ``sigma = sigma_min (sigma_max / sigma_min)^t``, ``t`` uniform on ``[t_min, 1]``.
+    """
+
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_range(self.t_min, self.t_max)
+        if not (0.0 < self.sigma_min < self.sigma_max):
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min!r}, {self.sigma_max!r}")
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(t, dtype=torch.float32)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t.float()
+
+
+@dataclass(frozen=True)
+class EDM(NoiseSchedule):
+    """Karras et al. (EDM): ``t`` is the noise level, ``alpha = 1``, ``sigma = t``.
+
+    Training draws ``log sigma ~ N(p_mean, p_std^2)`` (clipped to ``[sigma_min, sigma_max]``);
+    sampling uses the ``rho`` grid ``(sigma_max^(1/rho) + i/n (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``.
+    """
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    rho: float = 7.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.sigma_min < self.sigma_max):
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min!r}, {self.sigma_max!r}")
+
+    @property
+    def t_min(self) -> float:  # type: ignore[override]
+        return self.sigma_min
+
+    @property
+    def t_max(self) -> float:  # type: ignore[override]
+        return self.sigma_max
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(t, dtype=torch.float32)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return t.float()
+
+    def sample_time(
+        self, n: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        log_sigma = self.p_mean + self.p_std * torch.randn(n, generator=generator, device=device)
+        return torch.exp(log_sigma).clamp(self.sigma_min, self.sigma_max)
+
+    def time_grid(self, steps: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+        _check_steps(steps)
+        i = torch.linspace(0.0, 1.0, steps + 1, device=device)
+        lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
+        return (hi + i * (lo - hi)) ** self.rho
+
+
+SCHEDULES = {"vp-linear": VPLinear, "vp-cosine": VPCosine, "ve": VE, "edm": EDM}
+
+
+def make_schedule(name: str, **kwargs) -> NoiseSchedule:
+    """A schedule by name: one of :data:`SCHEDULES`."""
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {name!r}")
+    return SCHEDULES[name](**kwargs)
