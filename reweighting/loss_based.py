@@ -73,7 +73,8 @@ class LossReweighter:
             or NaN-adjacent sample with a huge loss) squashes every other sample to ``-delta`` and
             LinUpper then gives the outlier the top weight. Use it to reproduce the paper on clean,
             deduplicated data. ``"quantile"`` maps the 5 % to 95 % quantile range onto the interval
-            and clips the rest, so up to 5 % of outliers at either end change nothing else;
+            and clips the rest, so up to 5 % of outliers at either end change nothing else (this needs
+            a global batch of more than ~20 samples, or the quantile itself reaches the outlier);
             ``"rank"`` uses ranks and ignores loss magnitudes altogether. Prefer one of these on
             web-scale or noisy data, or when the loss distribution has a long tail. Both gather the
             global batch's losses (one small host sync per step).

@@ -1,0 +1,99 @@
+"""LossReweighter runs on each rank of the distributed tests (importable by the spawned workers)."""
+
+import torch
+
+import reweighting as rw
+
+SIZES = (3, 6)  # unequal per-rank batch sizes on purpose
+CASES = [
+    {"strategy": "linupper", "normalize": "minmax"},
+    {"strategy": "quadratic", "normalize": "minmax"},
+    {"strategy": "extremes", "normalize": "rank"},
+    {"strategy": "inverse", "normalize": "quantile"},
+    {"strategy": "uniform", "normalize": "minmax"},
+]
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(0)
+    n = sum(SIZES)
+    return torch.randn(n, 4, generator=g), torch.randn(n, generator=g)
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+
+
+def loss_fn(model):
+    return lambda b: (model(b[0]).squeeze(1) - b[1]) ** 2
+
+
+def grads(model):
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def my_slice(rank):
+    start = sum(SIZES[:rank])
+    return slice(start, start + SIZES[rank])
+
+
+def run_case(case, x, y, average=None):
+    """Weights, loss value, gradient and stats of one step (gradients averaged over ranks as DDP does)."""
+    model = make_model()
+    r = rw.LossReweighter(temperature=0.4, **case)
+    loss = r(loss_fn(model)((x, y)))
+    loss.backward()
+    g = grads(model)
+    value = loss.detach().clone()
+    if average is not None:
+        g, value = average(g), average(value)
+    return {"weights": r.weights(loss_fn(model)((x, y)).detach()), "loss": value, "grad": g,
+            "stats": r.stats.as_dict()}
+
+
+def run_window(x, y, cut, average=None):
+    """accumulation='global' over two micro-batches cut at ``cut``."""
+    model = make_model()
+    r = rw.LossReweighter("linupper", temperature=0.4, accumulation="global")
+    value = r.accumulate([(x[:cut], y[:cut]), (x[cut:], y[cut:])], loss_fn(model))
+    g = grads(model)
+    if average is not None:
+        g, value = average(g), average(value)
+    return {"loss": value, "grad": g, "stats": r.stats.as_dict()}
+
+
+def plain(obj):
+    """Tensors as numpy arrays, which pickle by value: a tensor sent through the result queue is shared
+    through a file descriptor that vanishes when the worker exits before the parent has read it."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [plain(v) for v in obj]
+    return obj.detach().numpy() if isinstance(obj, torch.Tensor) else obj
+
+
+def on_rank(rank, world):
+    x, y = global_batch()
+    sl = my_slice(rank)
+
+    def average(t):
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t / world
+
+    out = {"cases": [run_case(c, x[sl], y[sl], average) for c in CASES],
+           "window": run_window(x[sl], y[sl], 1 if rank == 0 else 4, average)}
+    # a NaN on rank 1 only: every rank must raise (none may wait forever in a collective)
+    losses = torch.arange(1.0, SIZES[rank] + 1)
+    if rank == 1:
+        losses[2] = float("nan")
+    try:
+        rw.LossReweighter()(losses)
+        out["nan_error"] = None
+    except ValueError as err:
+        out["nan_error"] = str(err)
+    zero = rw.LossReweighter("linupper", nonfinite="zero")
+    zero(losses)
+    out["nan_zero_stats"] = zero.stats.as_dict()
+    return plain(out)
