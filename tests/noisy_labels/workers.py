@@ -35,7 +35,11 @@ def single_process_gradients():
 
 
 def averaged_gradients(rank, world):
-    """Each rank's gradient on its slice, averaged over ranks as DDP does."""
+    """Each rank's gradient on its slice, averaged over ranks as DDP does.
+
+    Returned as plain lists: a tensor sent through the result queue is shared by file descriptor,
+    which the parent cannot fetch once this process has exited.
+    """
     x, y = global_batch()
     start = sum(SIZES[:rank])
     sl = slice(start, start + SIZES[rank])
@@ -44,5 +48,5 @@ def averaged_gradients(rank, world):
     for loss in LOSSES:
         grad = gradient(model, x[sl], y[sl], loss)
         torch.distributed.all_reduce(grad)
-        out[loss] = grad / world
+        out[loss] = (grad / world).tolist()
     return out
