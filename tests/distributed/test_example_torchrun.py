@@ -1,0 +1,78 @@
+"""The pre-training example under torchrun (2 CPU processes, gloo) gives the single-process losses."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reweighting.testing import launch
+
+pytestmark = [pytest.mark.distributed]
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "pretrain_gpt.py"
+TINY = ["--steps", "3", "--batch-size", "8", "--micro-batches", "2", "--seq-len", "32", "--dim", "32",
+        "--layers", "1", "--heads", "2", "--max-documents", "20", "--eval-sequences", "8", "--lr", "1e-2"]
+CONFIGS = {
+    "linupper": ["--reweighter", "linupper", "--accumulation", "global"],
+    "quadratic-micro": ["--reweighter", "quadratic", "--accumulation", "micro"],
+    "none": ["--reweighter", "none"],
+    "presence": ["--reweighter", "presence", "--accumulation", "micro", "--switch-step", "2"],
+}
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("pretrain_gpt", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def single_process(config: str) -> dict:
+    example = load_example()
+    return example.train(example.parse_args(TINY + CONFIGS[config]))
+
+
+def assert_same_run(got: dict, want: dict) -> None:
+    assert got["world_size"] == 2 and want["world_size"] == 1
+    # Same global batches, weights and updates; only the order of floating-point sums differs.
+    assert got["losses"] == pytest.approx(want["losses"], rel=1e-4)
+    assert got["ess_fraction"] == pytest.approx(want["ess_fraction"], rel=1e-4)
+    assert got["heldout_loss"] == pytest.approx(want["heldout_loss"], rel=1e-4)
+    assert got["losses"][-1] < got["losses"][0]  # it trains
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    out = tmp_path / "run.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), str(EXAMPLE), *TINY, *CONFIGS["linupper"], "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "held-out loss" in proc.stdout
+    assert_same_run(json.loads(out.read_text()), single_process("linupper"))
+
+
+def _run_configs(rank, world, configs):
+    example = load_example()
+    return {c: example.train(example.parse_args(TINY + CONFIGS[c])) for c in configs}
+
+
+def test_every_reweighter_on_two_gloo_processes_equals_one_process():
+    configs = ["none", "quadratic-micro", "presence"]
+    results = launch(_run_configs, 2, configs, timeout=300)
+    for config in configs:
+        want = single_process(config)
+        for per_rank in results:
+            assert_same_run(per_rank[config], want)
