@@ -2,6 +2,7 @@
 reference) and PRESENCE reweighting (METHODS.md section 2)."""
 
 from .engine import SelfInfluence, microbatch_sizes
+from .offline import drop_highest, load_scores, score_dataset
 from .presence import PresenceReweighter, presence_weights
 from .reference import per_sample_grads, per_sample_grads_loop, per_sample_sq_norms
 
@@ -10,6 +11,9 @@ __all__ = [
     "PresenceReweighter",
     "presence_weights",
     "microbatch_sizes",
+    "score_dataset",
+    "drop_highest",
+    "load_scores",
     "per_sample_grads",
     "per_sample_grads_loop",
     "per_sample_sq_norms",

@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from .. import distributed as D
 from ..checks import check_batch, check_finite, check_same_length
-from .factors import Factor
+from .factors import Factor, OuterFactor, sq_norms
 from .layers import COVERED, RULES, mixes_samples, refusal, rule_for
 from .reference import batched_autograd_grads
 
@@ -83,6 +83,9 @@ class SelfInfluence:
     - ``unsupported``: ``"raise"`` (default) for a chosen module with parameters but no rule;
       ``"reference"`` takes those parameters' per-sample gradients from autograd instead
       (exact, materialised, slower).
+    - ``max_kept_bytes``: per-sample gradients that were materialised for the norms are kept, up
+      to this many bytes, and reused by :meth:`weighted_backward` (a weighted sum instead of a
+      product over positions); 0 keeps none.
 
     Layers that mix samples (BatchNorm in training mode) are refused when capturing.
     """
@@ -95,6 +98,7 @@ class SelfInfluence:
         bookkeeping: bool = True,
         broadcast: Iterable[nn.Module | str] = (),
         unsupported: str = "raise",
+        max_kept_bytes: int = 2**30,
         group=None,
     ):
         if unsupported not in UNSUPPORTED:
@@ -144,6 +148,8 @@ class SelfInfluence:
         self._second = [p for p in owners if p not in bookkept]
         self._calls: list[_Call] = []
         self._factors: dict[nn.Parameter, list[Factor]] | None = None
+        self._kept: dict[nn.Parameter, torch.Tensor] = {}
+        self.max_kept_bytes = int(max_kept_bytes)
         self._losses: torch.Tensor | None = None
         self._graph_kept = False
         self._batch_size: int | None = None
@@ -227,6 +233,7 @@ class SelfInfluence:
         """Drop the stored activations, output gradients and graph references."""
         self._calls = []
         self._factors = None
+        self._kept = {}
         self._losses = None
         self._graph_kept = False
 
@@ -261,7 +268,7 @@ class SelfInfluence:
                 g = g.float().flatten(1)
                 if sizes:
                     g = torch.stack([c.sum(0) for c in g.split(sizes)])
-                total += g.square().sum(1)
+                total += sq_norms(g)
 
         for c in self._calls:
             if c.output._version != c.version:
@@ -287,15 +294,28 @@ class SelfInfluence:
                 if pname in params:
                     factors.setdefault(params[pname], []).append(f)
 
+        kept: dict[nn.Parameter, torch.Tensor] = {}
+        room = self.max_kept_bytes
         for p in self._norm_params:
             fs = factors.get(p, [])
             if sizes:
                 fs = [f.grouped(sizes) for f in fs]
-            if len(fs) == 1:
+            if not fs:
+                continue
+            if len(fs) == 1 and not (isinstance(fs[0], OuterFactor) and not fs[0].ghost_is_cheaper()):
                 total += fs[0].sq_norms()
-            elif fs:  # shared parameter: sum its uses' per-sample gradients, then the norm
-                total += sum(f.per_unit() for f in fs).flatten(1).square().sum(1)
+                continue
+            # Materialised (cheaper than the ghost form, or a shared parameter whose uses must be summed
+            # before the norm). Per-sample gradients are kept, within the memory allowance, because the
+            # weighted update is then a cheap weighted sum of them rather than a product over positions.
+            per_unit = sum(f.per_unit() for f in fs)
+            total += sq_norms(per_unit)
+            size = per_unit.numel() * per_unit.element_size()
+            if not sizes and size <= room:
+                kept[p] = per_unit
+                room -= size
 
+        self._kept = kept
         self._factors = factors
         self._losses = losses
         self._graph_kept = keep
@@ -318,7 +338,10 @@ class SelfInfluence:
         updates: list[tuple[nn.Parameter, torch.Tensor]] = []
         for p in self._bookkept:
             fs = self._factors.get(p)
-            if fs:
+            if p in self._kept:
+                per_sample = self._kept[p]
+                updates.append((p, (w @ per_sample.reshape(w.shape[0], -1)).view(p.shape)))
+            elif fs:
                 updates.append((p, sum(f.weighted(w) for f in fs)))
         if self._second:
             used = list(self._second)

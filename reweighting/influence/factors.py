@@ -20,7 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["OuterFactor", "SumFactor", "RowsFactor", "Factor", "group_rows"]
+__all__ = ["OuterFactor", "SumFactor", "RowsFactor", "Factor", "group_rows", "sq_norms"]
+
+
+def sq_norms(t: torch.Tensor) -> torch.Tensor:
+    """``[U]``: the squared Euclidean norm of each ``t[u]`` (one fused pass, no squared copy)."""
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square()
 
 
 def group_rows(t: torch.Tensor, sizes: list[int], fill: float | int = 0) -> torch.Tensor:
@@ -69,20 +74,23 @@ class OuterFactor:
                 return (x.square().sum(-1) * g.square().sum(-1)).sum((1, 2))
             xx = x @ x.transpose(-1, -2)
             gg = g @ g.transpose(-1, -2)
-            return (xx * gg).sum((1, 2, 3))
-        return self.per_unit().flatten(1).square().sum(1)
+            return torch.einsum("uhij,uhij->u", xx, gg)
+        return sq_norms(self.per_unit())
 
     def per_unit(self) -> torch.Tensor:
-        u = self.units
-        x = self.x.transpose(1, 2)  # [U, H, T, a]
-        g = self.g.transpose(1, 2)  # [U, H, T, b]
-        return (g.transpose(-1, -2) @ x).reshape(u, *self.shape)
+        u, t, h, a = self.x.shape
+        b = self.g.shape[-1]
+        if h == 1:  # the common case: one batched product of views, no copies
+            return torch.bmm(self.g.reshape(u, t, b).transpose(1, 2), self.x.reshape(u, t, a)).reshape(u, *self.shape)
+        return torch.einsum("uthb,utha->uhba", self.g, self.x).reshape(u, *self.shape)
 
     def weighted(self, w: torch.Tensor) -> torch.Tensor:
-        h, a, b = self.x.shape[2], self.x.shape[3], self.g.shape[3]
-        x = self.x.transpose(0, 2).reshape(h, -1, a)  # [H, T*U, a]
-        g = (self.g * w.view(-1, 1, 1, 1)).transpose(0, 2).reshape(h, -1, b)
-        return (g.transpose(-1, -2) @ x).reshape(self.shape)
+        u, t, h, a = self.x.shape
+        b = self.g.shape[-1]
+        g = self.g * w.view(-1, 1, 1, 1)
+        if h == 1:
+            return (g.reshape(u * t, b).t() @ self.x.reshape(u * t, a)).reshape(self.shape)
+        return torch.einsum("uthb,utha->hba", g, self.x).reshape(self.shape)
 
     def grouped(self, sizes: list[int]) -> OuterFactor:
         return OuterFactor(group_rows(self.x, sizes), group_rows(self.g, sizes), self.shape)
@@ -100,7 +108,7 @@ class SumFactor:
         return self.v.shape[0]
 
     def sq_norms(self) -> torch.Tensor:
-        return self.v.sum(1).square().sum(1)
+        return sq_norms(self.v.sum(1))
 
     def per_unit(self) -> torch.Tensor:
         return self.v.sum(1).reshape(self.units, *self.shape)
@@ -138,7 +146,7 @@ class RowsFactor:
         keys, valid = self._keys()
         distinct, inverse = torch.unique(keys, return_inverse=True)
         sums = self.g.new_zeros(distinct.shape[0], self.g.shape[-1]).index_add_(0, inverse, self.g[valid])
-        per_key = sums.square().sum(1)
+        per_key = sq_norms(sums)
         return self.g.new_zeros(self.units).index_add_(0, distinct // self.shape[0], per_key)
 
     def per_unit(self) -> torch.Tensor:
