@@ -30,8 +30,8 @@ LOSS_OF = {"FL": "forward", "RW": "reweight", "DWS": "dws", "RENT": "rent"}
 CONFIGS: dict[str, dict[str, Any]] = {
     "full": {"noises": list(NOISES), "hidden": 128, "lr": 1e-3, "batch_size": 64, "warmup_epochs": 10,
              "epochs": 40, "dws_alpha": 10.0, "quantile": 0.97, "test_fraction": 0.3, "cleanlab_folds": 3},
-    "quick": {"noises": ["sym-50", "pair-40"], "hidden": 128, "lr": 1e-3, "batch_size": 64, "warmup_epochs": 10,
-              "epochs": 25, "dws_alpha": 10.0, "quantile": 0.97, "test_fraction": 0.3, "cleanlab_folds": 3},
+    "quick": {"noises": list(NOISES), "hidden": 128, "lr": 1e-3, "batch_size": 64, "warmup_epochs": 10,
+              "epochs": 25, "dws_alpha": 10.0, "quantile": 0.97, "test_fraction": 0.3, "cleanlab_folds": 2},
     # For the test suite: the real code path on a fraction of the work.
     "smoke": {"noises": ["sym-50"], "hidden": 32, "lr": 1e-2, "batch_size": 128, "warmup_epochs": 3,
               "epochs": 3, "dws_alpha": 10.0, "quantile": 0.97, "test_fraction": 0.3, "cleanlab_folds": 2},
@@ -182,6 +182,14 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def _paired(a: list[float], b: list[float]) -> tuple[float, float, int, int]:
+    """Mean and sample std of the per-seed differences ``a - b``, and how many are positive."""
+    diffs = [x - y for x, y in zip(a, b)]
+    m = _mean(diffs)
+    s = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else 0.0
+    return m, s, sum(d > 0 for d in diffs), len(diffs)
+
+
 def _plot(methods: dict[str, list[float]], noises: list[str], names: list[str], path) -> str:
     from reweighting.report import new_figure, save_figure
 
@@ -251,6 +259,12 @@ def run(ctx: StudyContext, config: dict[str, Any] | None = None) -> StudyOutcome
     for noise in noises:
         e = errors[noise]
         lines.append(f"| {noise} | {_mean(e['anchor']):.3f} | {_mean(e['dualt']):.3f} | {_mean(e['cleanlab']):.3f} |")
+    paired = {noise: _paired(methods[f"{noise} / RENT"], methods[f"{noise} / RW"]) for noise in noises}
+    clear = sum(m > 2 * s / math.sqrt(n) for m, s, _, n in paired.values() if n > 1)
+    lines += ["", "RENT minus RW, paired by seed (both continue from the same warm-up), in points: "
+              + "; ".join(f"{noise} {100 * m:+.1f} ± {100 * s:.1f} (RENT ahead in {k} of {n} seeds)"
+                          for noise, (m, s, k, n) in paired.items())
+              + f". The mean difference exceeds twice its standard error in {clear} of {len(noises)} settings."]
     if not holds:
         lines += ["", "The claim did NOT hold in this run; see the per-seed values in results.json "
                   "(standard deviations reach several points on this small test set)."]
@@ -263,7 +277,9 @@ def run(ctx: StudyContext, config: dict[str, Any] | None = None) -> StudyOutcome
         config={**config, "dataset": "sklearn digits (8x8, 1797 images)", "model": "MLP 64-h-h-10",
                 "optimizer": "Adam", "T_estimator": "anchor (Forward)"},
         summary="\n".join(lines),
-        details={"rent_beats_rw": rent_beats_rw, "rent_beats_rw_true_T": rent_beats_rw_true,
+        details={"rent_minus_rw_paired": {n: dict(zip(("mean", "std", "rent_ahead", "seeds"), v))
+                                          for n, v in paired.items()},
+                 "rent_beats_rw": rent_beats_rw, "rent_beats_rw_true_T": rent_beats_rw_true,
                  "rent_beats_ce_at_sym_50": beats_ce, "T_error": errors, "observed_noise_rate": observed},
         plots=[plot],
     )
