@@ -275,7 +275,9 @@ def run(ctx: StudyContext, config: dict[str, Any] | None = None) -> StudyOutcome
         methods=methods,
         holds=holds,
         config={**config, "dataset": "sklearn digits (8x8, 1797 images)", "model": "MLP 64-h-h-10",
-                "optimizer": "Adam", "T_estimator": "anchor (Forward)"},
+                "optimizer": "Adam", "T_estimator": "anchor (Forward)",
+                # The MLP and the 1797 images are too small to gain from a GPU; the study stays on the CPU.
+                "device": "cpu"},
         summary="\n".join(lines),
         details={"rent_minus_rw_paired": {n: dict(zip(("mean", "std", "rent_ahead", "seeds"), v))
                                           for n, v in paired.items()},
