@@ -64,13 +64,14 @@ class LossReweighter:
         strategy: ``"linupper"``, ``"quadratic"``, ``"extremes"``, ``"uniform"`` (the plain mean),
             or ``"inverse"`` (tilts toward *low* loss; a control for studies).
         temperature: ``r`` in ``softmax(f / r)``, > 0. The paper uses 0.4 or 1.0. Smaller is sharper;
-            the largest weight is at most ``exp(1 / r)`` times the smallest (with ``delta = 1``).
+            the largest weight is at most ``exp(1 / r)`` times the smallest (with ``delta = 1``;
+            ``exp(2 / r)`` for ``inverse``).
         delta: half-width of the normalised range ``[-delta, delta]``.
         warmup_steps: for the first ``warmup_steps`` optimizer steps the weights are uniform
             (the loss is the plain mean), or tilted with ``warmup_temperature`` if that is given.
         normalize: how losses are mapped onto ``[-delta, delta]``:
-            ``"minmax"`` (the paper's) uses the batch's extreme losses, so one outlier (a corrupted
-            or NaN-adjacent sample with a huge loss) squashes every other sample to ``-delta`` and
+            ``"minmax"`` (the paper's) uses the batch's extreme losses, so one outlier (say a
+            corrupted sample with a huge loss) squashes every other sample to ``-delta`` and
             LinUpper then gives the outlier the top weight. Use it to reproduce the paper on clean,
             deduplicated data. ``"quantile"`` maps the 5 % to 95 % quantile range onto the interval
             and clips the rest, so up to 5 % of outliers at either end change nothing else (this needs

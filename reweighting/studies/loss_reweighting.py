@@ -126,7 +126,7 @@ def train(data: Data, cfg: Config, setting: str, method: str, lr: float, seed: i
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / cfg.steps))))
     rw = LossReweighter(method, temperature=cfg.temperature)
     checkpoints = {round(cfg.steps * (k + 1) / cfg.curve_points) for k in range(cfg.curve_points)} if curve else set()
-    points, dup_share, train_loss = [], [], []
+    points, dup_share, hard_share, train_loss = [], [], [], []
     for step, (rows, is_dup) in enumerate(batches(data, cfg, setting, seed), start=1):
         per_sample = sequence_loss(model.token_losses(rows.to(device)))
         loss = rw(per_sample)
@@ -137,7 +137,13 @@ def train(data: Data, cfg: Config, setting: str, method: str, lr: float, seed: i
         schedule.step()
         rw.step()
         if setting == "redundant":
-            dup_share.append(float(rw.weights(per_sample.detach())[is_dup.to(device)].sum()))
+            w = rw.weights(per_sample.detach())
+            dup = is_dup.to(device)
+            dup_share.append(float(w[dup].sum()))
+            # Of the weight on clean samples, the share on the hardest quarter of them (0.25 if uniform).
+            clean_loss, clean_w = per_sample.detach()[~dup], w[~dup]
+            hard = clean_loss >= torch.quantile(clean_loss, 0.75)
+            hard_share.append(float(clean_w[hard].sum() / clean_w.sum()))
         train_loss.append(float(per_sample.detach().mean()))
         if step in checkpoints:
             points.append((step, evaluate(model, data.validation, device)))
@@ -145,6 +151,7 @@ def train(data: Data, cfg: Config, setting: str, method: str, lr: float, seed: i
         "validation": evaluate(model, data.validation, device),
         "test": evaluate(model, data.test, device),
         "duplicate_weight_share": sum(dup_share) / len(dup_share) if dup_share else 0.0,
+        "hardest_clean_quarter_share": sum(hard_share) / len(hard_share) if hard_share else 0.0,
         "curve": points,
         "final_train_loss": sum(train_loss[-10:]) / len(train_loss[-10:]),
     }
@@ -257,12 +264,14 @@ def run_with(ctx: StudyContext, cfg: Config) -> StudyOutcome:
     test = {s: {m: [r["test"] for r in chosen[s][m]] for m in METHODS} for s in SETTINGS}
     holds, table, lines = _verdict(test, cfg)
     shares = {m: [r["duplicate_weight_share"] for r in chosen["redundant"][m]] for m in METHODS}
+    hard = {m: [r["hardest_clean_quarter_share"] for r in chosen["redundant"][m]] for m in METHODS}
     plots = [_plot_curves({s: {m: [r["curve"] for r in chosen[s][m]] for m in METHODS} for s in SETTINGS},
                           cfg, ctx.out_dir)]
 
     methods = {f"{m} (redundant)": test["redundant"][m] for m in METHODS}
     methods.update({f"{m} (clean)": test["clean"][m] for m in METHODS})
     share_text = ", ".join(f"{m} {sum(v) / len(v):.3f}" for m, v in shares.items())
+    hard_text = ", ".join(f"{m} {sum(v) / len(v):.3f}" for m, v in hard.items())
     lr_text = "; ".join(f"{s}: " + ", ".join(f"{m} {best_lr[s][m]:g}" for m in METHODS) for s in SETTINGS)
     beat = [m for m in PAPER_METHODS if table["redundant"][m]["beats_uniform"]]
     same_lr = "; ".join(
@@ -281,7 +290,9 @@ def run_with(ctx: StudyContext, cfg: Config) -> StudyOutcome:
         f"| clean | uniform | {table['clean']['uniform']['mean']:.4f} ± {table['clean']['uniform']['std']:.4f} | | |",
         *lines,
         "",
-        f"Mean weight share on the duplicates ({cfg.duplicate_share:.0%} of each redundant batch): {share_text}.",
+        f"Mean weight share on the duplicates ({cfg.duplicate_share:.0%} of each redundant batch): {share_text}. "
+        f"Of the weight on clean samples, the share on the hardest quarter of them (0.25 when uniform): "
+        f"{hard_text}.",
         "",
         f"Redundant data at a common learning rate (validation loss, seed {sweep_seed}): {same_lr}.",
         "",
@@ -295,7 +306,7 @@ def run_with(ctx: StudyContext, cfg: Config) -> StudyOutcome:
     ])
     config = {**asdict(cfg), "lrs": list(cfg.lrs), "best_lr": best_lr, "methods_in_verdict": list(PAPER_METHODS),
               "workers": workers, "training_seconds": time.perf_counter() - start}
-    details = {"verdict": table, "duplicate_weight_share": shares,
+    details = {"verdict": table, "duplicate_weight_share": shares, "hardest_clean_quarter_share": hard,
                "final_train_loss": {s: {m: [r["final_train_loss"] for r in chosen[s][m]] for m in METHODS}
                                     for s in SETTINGS},
                "sweep_validation": {s: {m: {str(lr): results[(s, m, lr, sweep_seed)]["validation"] for lr in cfg.lrs}

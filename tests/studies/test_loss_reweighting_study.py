@@ -29,6 +29,8 @@ def test_study_runs_and_reports(tmp_path, monkeypatch):
     assert all(v == [0.5, 0.5] for v in [shares["uniform"]])  # uniform puts exactly the batch share there
     # even a dozen steps teach the small model the duplicates: LinUpper moves weight off them, inverse onto them
     assert sum(shares["linupper"]) < sum(shares["uniform"]) < sum(shares["inverse"])
+    hard = results["details"]["hardest_clean_quarter_share"]
+    assert all(0 < v <= 1 for vs in hard.values() for v in vs)
     assert (tmp_path / "loss-reweighting" / "loss_curves.png").stat().st_size > 1000
     assert "Claim" in results["summary"]
 
