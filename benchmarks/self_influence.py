@@ -80,7 +80,8 @@ def variants(name: str, model: nn.Module, loss_fn, inputs: tuple, *, broadcast=(
         model.zero_grad(set_to_none=True)
         loss_fn(model, *inputs).mean().backward()
 
-    si = SelfInfluence(model, broadcast=broadcast)
+    # Norms only: track just what the norms need and keep no per-sample gradients for an update.
+    si = SelfInfluence(model, broadcast=broadcast, bookkeeping=False, max_kept_bytes=0)
 
     def ours():
         with si.capture():

@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from .. import distributed as D
 from ..checks import check_batch, check_finite, check_same_length
-from .factors import Factor, OuterFactor, sq_norms
+from .factors import Factor, OuterFactor, sq_norms, tied_sq_norms
 from .layers import COVERED, RULES, mixes_samples, refusal, rule_for
 from .reference import batched_autograd_grads
 
@@ -304,6 +304,10 @@ class SelfInfluence:
                 continue
             if len(fs) == 1 and not (isinstance(fs[0], OuterFactor) and not fs[0].ghost_is_cheaper()):
                 total += fs[0].sq_norms()
+                continue
+            tied = tied_sq_norms(fs)
+            if tied is not None:
+                total += tied
                 continue
             # Materialised (cheaper than the ghost form, or a shared parameter whose uses must be summed
             # before the norm). Per-sample gradients are kept, within the memory allowance, because the

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["OuterFactor", "SumFactor", "RowsFactor", "Factor", "group_rows", "sq_norms"]
+__all__ = ["OuterFactor", "SumFactor", "RowsFactor", "Factor", "group_rows", "sq_norms", "tied_sq_norms"]
 
 
 def sq_norms(t: torch.Tensor) -> torch.Tensor:
@@ -164,3 +164,39 @@ class RowsFactor:
 
 
 Factor = OuterFactor | SumFactor | RowsFactor
+
+
+def _tied_pair(fs: list[Factor]) -> tuple[RowsFactor, OuterFactor] | None:
+    """The (embedding, output layer) uses of a tied weight, if that is what ``fs`` is."""
+    if len(fs) != 2:
+        return None
+    rows = next((f for f in fs if isinstance(f, RowsFactor)), None)
+    outer = next((f for f in fs if isinstance(f, OuterFactor)), None)
+    if rows is None or outer is None or outer.x.shape[2] != 1:
+        return None
+    return rows, outer
+
+
+def tied_sq_norms(fs: list[Factor]) -> torch.Tensor | None:
+    """``||g_rows + g_outer||^2`` per unit for a weight tied between an embedding and an output layer,
+    without materialising per-sample ``[V, d]`` gradients; None when materialising is cheaper.
+
+    The cross term is ``<g_outer, g_rows> = sum_{t,s} G_t[tok_s] <X_t, E_s>`` (output layer: inputs
+    ``X``, output gradients ``G``; embedding: tokens ``tok``, output gradients ``E``), cost
+    ``T S d`` per unit against ``T d V`` for materialising.
+    """
+    pair = _tied_pair(fs)
+    if pair is None:
+        return None
+    rows, outer = pair
+    u, t, _, d = outer.x.shape
+    v, s = outer.g.shape[-1], rows.idx.shape[1]
+    own = min(t * t * (d + v), t * d * v) if outer.ghost_is_cheaper() else t * d * v
+    if own + t * s * (d + 1) >= t * d * v + 2 * v * d:
+        return None
+    x, g = outer.x[:, :, 0, :], outer.g[:, :, 0, :]
+    picked = torch.gather(g, 2, rows.idx.clamp(min=0).unsqueeze(1).expand(u, t, s))  # G_t[tok_s]
+    products = x @ rows.g.transpose(1, 2)  # <X_t, E_s>
+    valid = (rows.idx >= 0).unsqueeze(1)
+    cross = torch.where(valid, picked * products, torch.zeros_like(products)).sum((1, 2))
+    return rows.sq_norms() + outer.sq_norms() + 2 * cross

@@ -60,6 +60,21 @@ def test_chosen_subset_of_modules_including_one_half_of_a_tied_pair():
     assert len(si.parameters) == 3
 
 
+def test_tied_weights_with_the_ghost_cross_term():
+    # Large enough a vocabulary that the tied weight's cross term is cheaper than materialising.
+    model = M.SeqModel(vocab=40, d=16, tie=True)
+    tokens, mask = M.seq_batch(vocab=40)
+    si = SelfInfluence(model, broadcast=["pos"])
+    with si.capture():
+        losses = M.seq_loss(model, tokens, mask)
+    got = si.norms(losses)
+    assert model.emb.weight not in si._kept  # the cross-term path materialised nothing
+    assert_rel_close(got, per_sample_sq_norms(model, M.seq_loss, tokens, mask))
+    w = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    si.weighted_backward(w)
+    assert_rel_close(model.emb.weight.grad, weighted_reference(model, M.seq_loss, w, tokens, mask)["emb.weight"])
+
+
 def test_untied_sequence_model_on_the_ghost_path():
     model = M.SeqModel(vocab=40, d=16, tie=False)  # T = 6 < 16 * 40 / 56: the output layer takes the ghost form
     tokens, mask = M.seq_batch(vocab=40)
@@ -96,11 +111,12 @@ def weighted_reference(model, loss_fn, w, *inputs):
     return {n: torch.einsum("b,b...->...", w, g) for n, g in grads.items()}
 
 
-@pytest.mark.parametrize("modules", [None, ["fc"]])
-def test_weighted_backward_equals_weighted_sum_of_per_sample_gradients(modules):
+@pytest.mark.parametrize("modules, kept", [(None, 2**30), (None, 0), (["fc"], 2**30)])
+def test_weighted_backward_equals_weighted_sum_of_per_sample_gradients(modules, kept):
     model = M.SeqModel()
     tokens, mask = M.seq_batch()
-    _, si, losses = engine_norms(model, M.seq_loss, tokens, mask, broadcast=[model.pos], modules=modules)
+    _, si, losses = engine_norms(model, M.seq_loss, tokens, mask, broadcast=[model.pos], modules=modules,
+                                 max_kept_bytes=kept)
     w = torch.tensor([0.1, 0.4, 0.2, 0.3])
     si.weighted_backward(w)
     want = weighted_reference(model, M.seq_loss, w, tokens, mask)
