@@ -37,9 +37,10 @@ and the weighted gradient written from the same stored tensors (see
 runs on the unwrapped model. Its weights are per micro-batch (``accumulation="micro"``), and fp16
 with a gradient scaler is refused (bf16 is fine).
 
-The reweighter's step counter advances once per optimizer step. ``Trainer`` evaluation is left
-unweighted. Diagnostics (:class:`reweighting.WeightStats`, averaged over the steps since the last
-log) are added to the Trainer's logs as ``weights/<name>``.
+The reweighter's step counter advances once per optimizer step and is set to the Trainer's
+``global_step`` when training starts, so a run resumed from a checkpoint continues its schedule.
+``Trainer`` evaluation is left unweighted. Diagnostics (:class:`reweighting.WeightStats`,
+averaged over the steps since the last log) are added to the Trainer's logs as ``weights/<name>``.
 """
 
 from __future__ import annotations
@@ -158,9 +159,22 @@ def _advance(reweighter: Any) -> None:
         reweighter.step()
 
 
+def _set_step(reweighter: Any, step: int) -> None:
+    """Set a reweighter's optimizer-step counter (``num_steps`` or ``step`` in its state dict)."""
+    state = reweighter.state_dict()
+    key = "num_steps" if "num_steps" in state else "step" if "step" in state else None
+    if key is not None:
+        reweighter.load_state_dict({**state, key: int(step)})
+
+
 class _StepCounter(TrainerCallback):
+    """Keeps the reweighter's step counter equal to the Trainer's optimizer steps, resumed runs included."""
+
     def __init__(self, reweighter: Any):
         self.reweighter = reweighter
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        _set_step(self.reweighter, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         _advance(self.reweighter)

@@ -91,6 +91,10 @@ def test_training_steps_change_the_model_and_log_weight_diagnostics(tmp_path):
     trainer.train()
     assert not torch.allclose(before, params(trainer.model))
     assert reweighter.num_steps == 3  # one count per optimizer step
+    # A run resumed at step 5 continues the reweighter's schedule (warm-up, stage switch) from 5.
+    trainer.state.global_step = 5
+    trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+    assert reweighter.num_steps == 5
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 3
     for h in logged:
