@@ -14,6 +14,7 @@ The Trainer's logs gain ``weights/ess_fraction``, ``weights/max_min_ratio``, ...
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 
 import datasets
@@ -54,12 +55,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--max-documents", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--output-dir", default=None)
+    p.add_argument("--sampling", choices=("random", "sequential"), default="random",
+                   help="data order; sequential makes runs on different numbers of processes comparable")
+    p.add_argument("--out", default=None, help="write the Trainer's log history here (JSON, main process)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=257, n_positions=args.seq_len, n_embd=64, n_layer=2, n_head=4,
+                        resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = GPT2LMHeadModel(config)
     extra = {}
@@ -80,11 +86,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             output_dir=args.output_dir or tmp, per_device_train_batch_size=args.batch_size,
             gradient_accumulation_steps=args.accumulation_steps, max_steps=args.steps, learning_rate=args.lr,
             logging_steps=max(args.steps // 10, 1), save_strategy="no", report_to=[],
-            use_cpu=not torch.cuda.is_available(),
+            use_cpu=not torch.cuda.is_available(), train_sampling_strategy=args.sampling,
         )
         trainer = ReweightingTrainer(model=model, args=training, train_dataset=build_dataset(args.seq_len,
                                      args.max_documents), data_collator=default_data_collator, **extra)
         trainer.train()
+    if args.out and trainer.is_world_process_zero():
+        with open(args.out, "w") as f:
+            json.dump(trainer.state.log_history, f, indent=1)
     return trainer.state.log_history
 
 

@@ -26,8 +26,8 @@ CONFIGS = {
 }
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("pretrain_gpt", EXAMPLE)
+def load_example(path=EXAMPLE):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -53,15 +53,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_equal_one_process(tmp_path):
-    out = tmp_path / "run.json"
+def torchrun(script: Path, args: list[str]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), str(EXAMPLE), *TINY, *CONFIGS["linupper"], "--out", str(out)]
+           "--master-port", str(free_port()), str(script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    out = tmp_path / "run.json"
+    proc = torchrun(EXAMPLE, [*TINY, *CONFIGS["linupper"], "--out", str(out)])
     assert "held-out loss" in proc.stdout
     assert_same_run(json.loads(out.read_text()), single_process("linupper"))
+
+
+def test_trainer_under_torchrun_equals_one_process(tmp_path):
+    """2 ranks x 4 sequences x 2 micro-batches give the Trainer steps of 1 process x 8 x 2 (weights over all 16)."""
+    script = ROOT / "examples" / "trainer_reweighting.py"
+    common = ["--steps", "2", "--max-documents", "10", "--reweighter", "linupper", "--sampling", "sequential",
+              "--dropout", "0", "--accumulation-steps", "2"]
+    out = tmp_path / "log.json"
+    torchrun(script, [*common, "--batch-size", "4", "--out", str(out)])
+    single = load_example(script).main([*common, "--batch-size", "8"])
+    got, want = ([h for h in log if "loss" in h] for log in (json.loads(out.read_text()), single))
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        assert g["weights/n"] == w["weights/n"] == 16
+        for key in ("loss", "grad_norm", "weights/ess", "weights/max_min_ratio"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5), key
 
 
 def _run_configs(rank, world, configs):
