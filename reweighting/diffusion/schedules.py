@@ -2,8 +2,9 @@
 
 Each schedule gives ``alpha(t)``, ``sigma(t)``, the distribution of ``t`` used in training
 (:meth:`NoiseSchedule.sample_time`) and a decreasing grid of times for sampling
-(:meth:`NoiseSchedule.time_grid`). The score model, the discriminator and the samplers all take
-``t`` as the schedule defines it (for :class:`EDM`, ``t`` is the noise level ``sigma`` itself).
+(:meth:`NoiseSchedule.time_grid`, EDM's spacing of the noise-to-signal ratio ``sigma / alpha``).
+The score model, the discriminator and the samplers all take ``t`` as the schedule defines it
+(for :class:`EDM`, ``t`` is the noise level ``sigma`` itself).
 Everything is computed in float32.
 """
 
@@ -39,10 +40,28 @@ class NoiseSchedule(ABC):
         u = torch.rand(n, generator=generator, device=device)
         return self.t_min + (self.t_max - self.t_min) * u
 
-    def time_grid(self, steps: int, *, device: torch.device | str | None = None) -> torch.Tensor:
-        """``steps + 1`` times decreasing from ``t_max`` to ``t_min`` (uniform in ``t`` by default)."""
+    def time_grid(self, steps: int, *, rho: float = 7.0, device: torch.device | str | None = None) -> torch.Tensor:
+        """``steps + 1`` times decreasing from ``t_max`` to ``t_min``, spaced as in EDM.
+
+        The noise-to-signal ratio ``lambda = sigma / alpha`` follows Karras et al.'s grid
+        ``(lambda_max^(1/rho) + i/n (lambda_min^(1/rho) - lambda_max^(1/rho)))^rho``, which puts
+        most steps at low noise where samples get their detail; the times are found by bisection
+        (``lambda`` increases with ``t``). ``rho = 1`` spaces ``lambda`` uniformly.
+        """
         _check_steps(steps)
-        return torch.linspace(self.t_max, self.t_min, steps + 1, device=device)
+        ends = torch.tensor([self.t_max, self.t_min], dtype=torch.float64)
+        lam_hi, lam_lo = (self.sigma(ends) / self.alpha(ends)).double().tolist()
+        i = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+        target = (lam_hi ** (1 / rho) + i * (lam_lo ** (1 / rho) - lam_hi ** (1 / rho))) ** rho
+        lo = torch.full_like(target, self.t_min)
+        hi = torch.full_like(target, self.t_max)
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            above = (self.sigma(mid) / self.alpha(mid)).double() > target
+            hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
+        grid = 0.5 * (lo + hi)
+        grid[0], grid[-1] = self.t_max, self.t_min
+        return grid.float().to(device)
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(alpha(t), sigma(t))`` in float32."""
@@ -196,11 +215,14 @@ class EDM(NoiseSchedule):
         log_sigma = self.p_mean + self.p_std * torch.randn(n, generator=generator, device=device)
         return torch.exp(log_sigma).clamp(self.sigma_min, self.sigma_max)
 
-    def time_grid(self, steps: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+    def time_grid(
+        self, steps: int, *, rho: float | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         _check_steps(steps)
+        rho = self.rho if rho is None else rho
         i = torch.linspace(0.0, 1.0, steps + 1, device=device)
-        lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
-        return (hi + i * (lo - hi)) ** self.rho
+        lo, hi = self.sigma_min ** (1 / rho), self.sigma_max ** (1 / rho)
+        return (hi + i * (lo - hi)) ** rho
 
 
 SCHEDULES = {"vp-linear": VPLinear, "vp-cosine": VPCosine, "ve": VE, "edm": EDM}
