@@ -75,7 +75,7 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(scale)
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
