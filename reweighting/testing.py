@@ -7,12 +7,14 @@ function) because the workers are started with the ``spawn`` method.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -22,12 +24,14 @@ __all__ = ["launch"]
 def _worker(rank: int, world: int, init_file: str, fn: Callable, args: tuple, queue) -> None:
     try:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        import torch
-
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
         try:
-            queue.put((rank, "ok", fn(rank, world, *args)))
+            # Serialise to bytes here: tensors put on a queue as they are travel as shared-memory
+            # handles that die with this process, so a fast-exiting worker could lose its result.
+            buffer = io.BytesIO()
+            torch.save(fn(rank, world, *args), buffer)
+            queue.put((rank, "ok", buffer.getvalue()))
         finally:
             dist.destroy_process_group()
     except BaseException:  # report any failure to the parent rather than hanging it
@@ -37,7 +41,8 @@ def _worker(rank: int, world: int, init_file: str, fn: Callable, args: tuple, qu
 def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` processes; return results in rank order.
 
-    Results must be picklable (tensors are). A failure on any rank raises ``RuntimeError`` with
+    Results must be serialisable by ``torch.save`` (tensors, numbers, lists and dicts of them).
+    A failure on any rank raises ``RuntimeError`` with
     that rank's traceback; a run longer than ``timeout`` seconds is killed and raises ``TimeoutError``.
     """
     ctx = mp.get_context("spawn")
@@ -55,7 +60,7 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float =
                 rank, status, value = queue.get(timeout=timeout)
                 if status == "error":
                     raise RuntimeError(f"rank {rank} failed:\n{value}")
-                results[rank] = value
+                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
         except Exception as err:
             for p in procs:
                 p.kill()
