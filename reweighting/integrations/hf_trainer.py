@@ -161,6 +161,8 @@ def _advance(reweighter: Any) -> None:
 
 def _set_step(reweighter: Any, step: int) -> None:
     """Set a reweighter's optimizer-step counter (``num_steps`` or ``step`` in its state dict)."""
+    if not callable(getattr(reweighter, "state_dict", None)):
+        return
     state = reweighter.state_dict()
     key = "num_steps" if "num_steps" in state else "step" if "step" in state else None
     if key is not None:
