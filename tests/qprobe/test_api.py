@@ -25,7 +25,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/v1/chat/completions":
             prompt = body["messages"][-1]["content"]
             # Choices deliberately out of order: the client must sort them by index.
-            choices = [{"index": i, "message": {"role": "assistant", "content": f"{prompt}-answer-{i}"}}
+            choices = [{"index": i, "message": {"role": "assistant", "content": f"{prompt} answer {i}"}}
                        for i in reversed(range(body["n"]))]
             reply = {"choices": choices}
         elif self.path == "/v1/embeddings":
@@ -66,9 +66,9 @@ def test_openai_compatible_over_http():
         assert host == "127.0.0.1"
         client = OpenAICompatible(f"http://127.0.0.1:{port}/v1", "chat-model", "embed-model", api_key="sk-test")
         samples = sample_and_embed(["two plus two", "three"], client.sample, client.embed, k=3, progress=False)
-        assert samples.completions[0] == [f"two plus two-answer-{i}" for i in range(3)]
+        assert samples.completions[0] == [f"two plus two answer {i}" for i in range(3)]
         assert samples.features.shape == (2, 3, 8)
-        expected = torch.tensor(_vector("three\n\nthree-answer-2"))
+        expected = torch.tensor(_vector("three\n\nthree answer 2"))
         torch.testing.assert_close(samples.features[1, 2], expected)
         paths = [p for p, _, _ in server.requests]
         assert paths == ["/v1/chat/completions", "/v1/embeddings"] * 2
