@@ -49,17 +49,18 @@ def log_ratio_from_logit(
     Differentiable (the clamp has zero gradient where it is active, so the score correction
     ``grad_x log w`` is that of the clipped weight). Computed in float32.
     """
-    pi = _check_fraction(reference_fraction)
     clip = _check_clip(clip)
+    z = _mixture_log_ratio(logit, _check_fraction(reference_fraction))
+    return z if clip is None else torch.clamp(z, -clip, clip)
+
+
+def _mixture_log_ratio(logit: torch.Tensor, pi: float) -> torch.Tensor:
     z = logit.float()
-    if pi > 0.0:
-        if pi == 1.0:
-            z = z - z  # the stream is p_data itself: weight 1, no correction (keeps the graph and shape)
-        else:
-            z = z - torch.logaddexp(z + math.log(pi), torch.full_like(z, math.log1p(-pi)))
-    if clip is not None:
-        z = torch.clamp(z, -clip, clip)
-    return z
+    if pi == 0.0:
+        return z
+    if pi == 1.0:
+        return z - z  # the stream is p_data itself: weight 1, no correction (keeps the graph and shape)
+    return z - torch.logaddexp(z + math.log(pi), torch.full_like(z, math.log1p(-pi)))
 
 
 class TimeDependentRatio(nn.Module):
@@ -106,12 +107,12 @@ class TimeDependentRatio(nn.Module):
         return logit
 
     def _log_weight(self, logit: torch.Tensor) -> torch.Tensor:
-        z = log_ratio_from_logit(logit, self.reference_fraction, self.clip)
-        if self.clip is not None:
-            unclipped = log_ratio_from_logit(logit.detach(), self.reference_fraction, None)
-            self.n_clipped += (unclipped.abs() > self.clip).sum()
+        z = _mixture_log_ratio(logit, self.reference_fraction)
         self.n_evaluated += logit.shape[0]
-        return z
+        if self.clip is None:
+            return z
+        self.n_clipped += (z.detach().abs() > self.clip).sum()
+        return torch.clamp(z, -self.clip, self.clip)
 
     def log_weight(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``log w_t(x_t)``, shape ``[B]``, float32, detached."""
