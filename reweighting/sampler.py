@@ -10,7 +10,9 @@ then a draw is one uniform bucket and one biased coin.
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -246,7 +248,9 @@ class DistributedWeightedSampler(Sampler[int]):
         self.seed = int(seed)
         self.chunk_size = int(chunk_size)
         self.epoch = 0
-        self._position = 0  # indices this rank has yielded in the current epoch
+        self._position = 0  # indices this rank had yielded in the current epoch when the current list began
+        self._current: Iterator[int] | None = None  # the list being yielded, and where its end puts us
+        self._current_end = 0
         self._num_samples_arg = num_samples
         self._table: AliasTable | torch.Tensor
         self._pending: AliasTable | torch.Tensor | None = None
@@ -279,7 +283,7 @@ class DistributedWeightedSampler(Sampler[int]):
                 f"weights has {weights.shape[0]} items, which changes num_samples from {self.num_samples} to {num}; "
                 "pass num_samples to the constructor to keep the epoch length fixed"
             )
-        if self._position == 0:
+        if self.position == 0:
             self._table, self._pending = table, None
         else:
             self._pending = table
@@ -289,7 +293,7 @@ class DistributedWeightedSampler(Sampler[int]):
         epoch = int(epoch)
         if epoch != self.epoch:
             self.epoch = epoch
-            self._position = 0
+            self._position, self._current = 0, None
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.num_replicas)
@@ -330,30 +334,46 @@ class DistributedWeightedSampler(Sampler[int]):
             order = torch.cat([order, order[: self.total_size - order.numel()]])
         return order
 
-    def __iter__(self) -> Iterator[int]:
-        if self._position == 0 and self._pending is not None:
-            self._table, self._pending = self._pending, None
+    @property
+    def position(self) -> int:
+        """Indices this rank has yielded so far in the current epoch (0 between epochs)."""
+        if self._current is None:
+            return self._position
+        # A list iterator knows how many items it has left, so nothing is counted per item.
+        return self._current_end - operator.length_hint(self._current)
+
+    def _begin(self, indices: list[int]) -> Iterator[int]:
+        self._current_end = self._position + len(indices)
+        self._current = iter(indices)
+        return self._current
+
+    def _lists(self) -> Iterator[Iterator[int]]:
+        """This rank's remaining indices of the epoch, one list iterator per chunk."""
         per_rank = len(self)
         W, r = self.num_replicas, self.rank
         if not self.replacement:
-            for i in self._permutation()[r + W * self._position :: W].tolist():
-                self._position += 1
-                yield i
+            yield self._begin(self._permutation()[r + W * self._position :: W].tolist())
+            self._position, self._current = self._current_end, None
         while self._position < per_rank:
             # The chunk holding global position r + W * position, and this rank's positions in it.
             global_pos = r + W * self._position
             chunk = global_pos // self.chunk_size
             offset = global_pos - chunk * self.chunk_size
-            mine = self._chunk(chunk)[offset::W][: per_rank - self._position]
-            for i in mine.tolist():
-                self._position += 1
-                yield i
+            yield self._begin(self._chunk(chunk)[offset::W][: per_rank - self._position].tolist())
+            self._position, self._current = self._current_end, None
         self._position = 0
+
+    def __iter__(self) -> Iterator[int]:
+        self._position, self._current = self.position, None  # an abandoned iteration stopped here
+        if self._position == 0 and self._pending is not None:
+            self._table, self._pending = self._pending, None
+        # chain() hands out the items in C; the position is read off the current list iterator.
+        return itertools.chain.from_iterable(self._lists())
 
     # ------------------------------------------------------------------ state
     def state_dict(self, position: int | None = None) -> dict[str, Any]:
         """Everything an exact resume needs; ``position`` overrides the count of indices consumed this epoch."""
-        pos = self._position if position is None else int(position)
+        pos = self.position if position is None else int(position)
         if not 0 <= pos <= len(self):
             raise ValueError(f"position must be in [0, {len(self)}], got {position!r}")
 
@@ -393,3 +413,4 @@ class DistributedWeightedSampler(Sampler[int]):
         if not 0 <= position <= len(self):
             raise ValueError(f"state position {position} is outside this rank's epoch of {len(self)} indices")
         self._position = 0 if position == len(self) else position
+        self._current = None
