@@ -77,9 +77,10 @@ class SelfInfluence:
     - ``bookkeeping``: also track every other supported layer, so that :meth:`weighted_backward`
       covers all parameters without a second backward (set False when only norms are wanted:
       the backward then stops at the earliest chosen layer).
-    - ``broadcast``: modules called without a batch dimension whose output is broadcast over the
-      batch (a position embedding called on ``arange(T)``). During capture their output is
-      expanded to ``[B, ...]`` (a view, no copy) so that each sample's output gradient is kept.
+    - ``broadcast``: modules called without a batch dimension (or with one of size 1) whose output
+      is broadcast over the batch (a position embedding called on ``arange(T)`` or ``[1, T]``).
+      During capture their output is expanded to ``[B, ...]`` (a view, no copy) so that each
+      sample's output gradient is kept.
     - ``unsupported``: ``"raise"`` (default) for a chosen module with parameters but no rule;
       ``"reference"`` takes those parameters' per-sample gradients from autograd instead
       (exact, materialised, slower).
@@ -222,8 +223,12 @@ class SelfInfluence:
                     "pass the batch size to capture(batch_size=...)"
                 )
             b = self._batch_size
-            output = output.unsqueeze(0).expand(b, *output.shape)
-            activation = activation.unsqueeze(0).expand(b, *activation.shape)
+            if activation.dim() >= 2 and activation.shape[0] == 1:  # a batch dimension of one, e.g. [1, T]
+                output = output.expand(b, *output.shape[1:])
+                activation = activation.expand(b, *activation.shape[1:])
+            else:  # no batch dimension, e.g. [T]
+                output = output.unsqueeze(0).expand(b, *output.shape)
+                activation = activation.unsqueeze(0).expand(b, *activation.shape)
         elif self._batch_size is None:
             self._batch_size = activation.shape[0]
         self._calls.append(_Call(self._names[module], module, activation, output, output._version))

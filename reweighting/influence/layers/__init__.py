@@ -20,10 +20,12 @@ import torch.nn as nn
 
 from ..factors import Factor
 
-__all__ = ["register", "rule_for", "RULES", "COVERED", "Rule", "mixes_samples", "refusal"]
+__all__ = ["register", "register_by_name", "rule_for", "RULES", "COVERED", "Rule", "mixes_samples", "refusal"]
 
 Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, Factor]]
 RULES: dict[type[nn.Module], Rule] = {}
+# Rules for layers of optional libraries, by "module.QualifiedName", so the library is never imported here.
+NAMED_RULES: dict[str, Rule] = {}
 # The parameter names a rule can cover: a layer owning any other trainable parameter has no rule.
 COVERED = frozenset({"weight", "bias"})
 
@@ -39,11 +41,25 @@ def register(*types: type[nn.Module]) -> Callable[[Rule], Rule]:
     return add
 
 
+def register_by_name(*qualified_names: str) -> Callable[[Rule], Rule]:
+    """Register ``rule`` for classes named ``"package.module.ClassName"`` (and their subclasses)."""
+
+    def add(rule: Rule) -> Rule:
+        for name in qualified_names:
+            NAMED_RULES[name] = rule
+        return rule
+
+    return add
+
+
 def rule_for(module: nn.Module) -> Rule | None:
     """The rule for ``module``'s type or its nearest registered base class, or None."""
     for cls in type(module).__mro__:
         if cls in RULES:
             return RULES[cls]
+        named = NAMED_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if named is not None:
+            return named
     return None
 
 
@@ -63,4 +79,4 @@ def refusal(module: nn.Module) -> str | None:
 
 
 # Importing the rule modules registers them.
-from . import conv, embedding, layernorm, linear  # noqa: E402,F401
+from . import conv, embedding, hf_conv1d, layernorm, linear  # noqa: E402,F401
