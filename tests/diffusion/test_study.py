@@ -13,7 +13,7 @@ def test_study_runs_end_to_end_and_reports_every_method(tmp_path):
     torch.manual_seed(0)
     ctx = StudyContext(quick=True, seeds=[0], out_dir=tmp_path, device=torch.device("cpu"), show_progress=False)
     outcome = S.run_with_config(ctx, S.SMOKE)
-    assert set(outcome.methods) == {f"{ds}: {m}" for ds in S.DATASETS for m in S.METHODS}
+    assert set(outcome.methods) == {f"{ds}: {m}" for ds in S.DATASETS for m in S.METHODS} | {f"rings: {S.EXACT}"}
     for values in outcome.methods.values():
         assert len(values) == 1 and 0.0 <= values[0] <= 1.0  # a total-variation distance
     parts = outcome.details["claim_parts"]
@@ -40,5 +40,12 @@ def test_long_tailed_sets_and_metrics():
     assert good["tv"] < 1e-6 and good["off_mode"] == 0.0
     bad = S.evaluate_rings(cfg, true_points * 1.1, 0)
     assert bad["quality"] > 2 * good["quality"]
+    # the exact ring ratio is log(p_data / p_bias) of the mode at a clean point on a ring
+    from reweighting.diffusion import VPCosine
+
+    logit = S.ExactRingLogit(cfg, VPCosine(), rings.true_proportions, rings.biased_proportions)
+    on_ring = S.ring_centres(cfg) + torch.tensor([cfg.ring_radius, 0.0])
+    want = torch.log(rings.true_proportions / rings.biased_proportions)
+    torch.testing.assert_close(logit(on_ring, torch.full((cfg.ring_modes,), 1e-3)), want, atol=1e-3, rtol=0)
     a = torch.randn(300, 5)
     assert S.mmd2(a, torch.randn(300, 5), 1.0) < S.mmd2(a, torch.randn(300, 5) + 1.0, 1.0)
