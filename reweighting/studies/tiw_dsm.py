@@ -14,7 +14,9 @@ reference set only; ``DSM(obs)`` on all observed data (biased + reference); on t
 stream ``IW-DSM`` (weight from the discriminator on the clean sample), ``TIW-DSM`` (weight
 ``w_t(x_t)`` and score correction), ``weighting-only`` and ``correction-only``. One time-dependent
 discriminator per seed and data set (reference vs biased, balanced BCE, held-out early stopping)
-serves every method; the observed stream's reference fraction enters the ratio.
+serves every method; the observed stream's reference fraction enters the ratio. On the rings,
+``TIW-DSM (exact ratio)`` also trains TIW-DSM with the exact time-dependent ratio (by quadrature
+over the rings), a diagnostic outside the claim that separates the method from its discriminator.
 
 Metrics, on samples from the probability-flow ODE (Heun):
 
