@@ -114,11 +114,12 @@ def fit_probe(
     r = rewards.detach().to(device=device, dtype=torch.float32)
     if standardize:
         # Standardise once here instead of in every step; the probe stores the statistics at the end.
-        mean = x.mean(dim=0)
-        std = x.std(dim=0, unbiased=False)
+        var, mean = torch.var_mean(x, dim=0, correction=0)
+        std = var.sqrt()
         std = torch.where(std > 1e-6, std, torch.ones_like(std))
         x = (x - mean) / std
     probe.to(device).train()
+    head = probe.net  # x is standardised already, so the probe's own (identity) standardisation is skipped
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
     group_ids = groups.detach().cpu().long() if grouped else None
     chunks_per_batch = max(1, batch_size // group_size)
@@ -138,7 +139,7 @@ def fit_probe(
                 if grouped:
                     valid = idx >= 0
                     safe = idx.clamp(min=0)
-                    q = probe(x[safe.reshape(-1)]).reshape(safe.shape)
+                    q = head(x[safe.reshape(-1)]).reshape(safe.shape)
                     rb = r[safe]
                     if objective == "pg":
                         loss = pg_loss(q, rb, valid, temperature=temperature)
@@ -149,7 +150,7 @@ def fit_probe(
                         flat = q.reshape(-1)
                         loss = preference_loss(flat[win], flat[lose])
                 else:
-                    q = probe(x[idx])
+                    q = head(x[idx]).squeeze(-1)
                     loss = mse_loss(q, r[idx]) if objective == "mse" else bce_loss(q, r[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -49,7 +49,16 @@ def load_smollm2(*, device: str = "cpu", progress: bool = True):
         model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         tmp = target.with_name(target.name + ".partial")
-        model.save_pretrained(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        # transformers refuses save_pretrained on a model loaded from GGUF; the weights are plain
+        # float32 tensors by now, so save them and a config without the GGUF marker directly.
+        from safetensors.torch import save_model
+
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
         tmp.rename(target)  # only a complete conversion becomes visible
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).to(device).eval()
