@@ -8,7 +8,9 @@ during ``generate`` (:mod:`.features`) or from an API (:mod:`.api`); rewards fro
 (:mod:`.rewards`) or sandboxed code execution (:mod:`.sandbox`).
 """
 
+from .api import OpenAICompatible, sample_and_embed
 from .evaluate import evaluate_probe, expected_return, mean_reward, pass_at_k
+from .features import Samples, sample_with_features
 from .fit import chunk_groups, fit_probe
 from .objectives import OBJECTIVES, bce_loss, mse_loss, pg_loss, preference_loss
 from .probe import QProbe
@@ -19,8 +21,10 @@ from .select import select, selection_weights
 __all__ = [
     "OBJECTIVES",
     "ExecutionResult",
+    "OpenAICompatible",
     "QProbe",
     "SandboxLimits",
+    "Samples",
     "code_reward",
     "exact_match",
     "extract_number",
@@ -28,6 +32,8 @@ __all__ = [
     "numeric_match",
     "run_program",
     "run_programs",
+    "sample_and_embed",
+    "sample_with_features",
     "bce_loss",
     "chunk_groups",
     "evaluate_probe",
