@@ -12,10 +12,10 @@ sequence 128) and on an MLP (784-512-512-10, batch 64), timed interleaved in one
 - ``plain step`` / ``PRESENCE step``: forward, backward (plain mean / PRESENCE book-keeping
   update) and an AdamW step.
 
-Opacus needs every layer's input batch-first and its ghost norms do not add the cross term of
-tied weights, so on the GPT it runs on an otherwise identical model with untied embeddings and
-positions expanded to the batch (``GPT*``); our engine and the baseline run there too, so each
-ratio compares like with like. Every method's norms are checked against ``vmap`` first.
+Opacus needs every layer's input batch-first and its ghost clipping refuses tied parameters
+("Parameter tying is not supported"), so on the GPT it runs on an otherwise identical model with
+untied embeddings and positions expanded to the batch (``GPT*``); our engine and the baseline run
+there too, so each ratio compares like with like. Every method's norms are checked against ``vmap`` first.
 
 Memory is the peak of bytes allocated by torch during one call (profiler memory events), i.e. the
 working memory on top of the model and the batch.
