@@ -313,14 +313,14 @@ def _run(ctx: StudyContext) -> StudyOutcome:
 
 STUDY = Study(
     name="presence",
-    claim="Word-permuted (corrupted) sequences have higher self-influence, and two-stage PRESENCE beats uniform "
+    claim="Permuted (corrupted) sequences have higher self-influence, and two-stage PRESENCE beats uniform "
           "and direct-only weighting on clean held-out loss (Thakkar et al., EMNLP 2023)",
     metric="clean held-out loss (nats/byte)",
     lower_is_better=True,
     run=_run,
     seeds=3,
     quick_seeds=1,
-    description="PRESENCE (self-influence reweighting) vs uniform on a byte-level GPT with 30% word-permuted data",
+    description="PRESENCE (self-influence reweighting) vs uniform on a byte-level GPT with 30% token-permuted data",
 )
 
 __all__ = ["STUDY", "Config", "FULL", "QUICK", "SMOKE", "run_with", "train", "load_data", "auroc", "permute_words"]
