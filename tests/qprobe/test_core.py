@@ -217,3 +217,14 @@ def test_fit_probe_errors():
         fit_probe(bad, torch.zeros(4), None, "mse", progress=False)
     with pytest.raises(ValueError, match="objective must be one of"):
         fit_probe(x, torch.zeros(4), None, "hinge", progress=False)
+
+
+def test_fit_probe_applies_the_weight_decay_given():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(200, 4, generator=g)
+    r = x[:, 0] * 2
+    norms = {}
+    for wd in (0.0, 5.0):
+        probe = fit_probe(x, r, None, "mse", epochs=20, lr=5e-2, batch_size=50, weight_decay=wd, progress=False)
+        norms[wd] = float(probe.net[0].weight.detach().norm())
+    assert norms[5.0] < 0.5 * norms[0.0]
