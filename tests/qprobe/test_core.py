@@ -228,3 +228,13 @@ def test_fit_probe_applies_the_weight_decay_given():
         probe = fit_probe(x, r, None, "mse", epochs=20, lr=5e-2, batch_size=50, weight_decay=wd, progress=False)
         norms[wd] = float(probe.net[0].weight.detach().norm())
     assert norms[5.0] < 0.5 * norms[0.0]
+
+
+def test_selection_respects_mask():
+    q = torch.tensor([[5.0, 1.0, 0.0], [0.0, 0.0, 9.0]])
+    mask = torch.tensor([[False, True, True], [True, True, False]])
+    w = selection_weights(q, 1.0, mask)
+    assert bool((w[~mask] == 0).all())
+    torch.testing.assert_close(w.sum(dim=1), torch.ones(2))
+    choice, _ = select(q, 0.0, mask=mask)
+    assert choice.tolist() == [1, 0]
