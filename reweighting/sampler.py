@@ -220,9 +220,13 @@ class DistributedWeightedSampler(Sampler[int]):
     iteration continues where the saved one stopped, then later epochs start from the beginning.
     A ``DataLoader`` with workers fetches indices ahead of training; pass the number of indices
     actually consumed as ``state_dict(position=...)`` in that case (``batches_done * batch_size``).
+    An iteration abandoned part-way continues where it stopped at the next ``iter()``, unless
+    :meth:`set_epoch` moves to another epoch.
 
-    Memory: the table (8 bytes per item), a second one only while an update waits for the epoch to
-    end, and one chunk of draws; nothing proportional to ``num_samples``.
+    Memory: the table (8 bytes per item; building it needs about 25 more, briefly), a second one
+    only while an update waits for the epoch to end, and one chunk of draws; nothing proportional
+    to ``num_samples``. Without replacement: the weights (4 bytes per item) and, while an epoch's
+    permutation is drawn, its keys and order (16 bytes per item).
     """
 
     def __init__(
