@@ -238,6 +238,12 @@ def _verdict(test: dict, cfg: Config) -> tuple[bool, dict, list[str]]:
     return holds, table, lines
 
 
+def _listing(rows: dict, methods: list[str]) -> str:
+    """'linupper (-0.117 vs noise 0.060), ...' or 'none'."""
+    parts = [f"{m} ({rows[m]['diff_vs_uniform']:+.3f} vs noise {rows[m]['noise']:.3f})" for m in methods]
+    return ", ".join(parts) or "none"
+
+
 def run_with(ctx: StudyContext, cfg: Config) -> StudyOutcome:
     """The study at configuration ``cfg`` (``STUDY.run`` picks FULL or QUICK)."""
     start = time.perf_counter()
@@ -274,6 +280,8 @@ def run_with(ctx: StudyContext, cfg: Config) -> StudyOutcome:
     hard_text = ", ".join(f"{m} {sum(v) / len(v):.3f}" for m, v in hard.items())
     lr_text = "; ".join(f"{s}: " + ", ".join(f"{m} {best_lr[s][m]:g}" for m in METHODS) for s in SETTINGS)
     beat = [m for m in PAPER_METHODS if table["redundant"][m]["beats_uniform"]]
+    costly = [m for m in PAPER_METHODS
+              if not (table["clean"][m]["within_noise"] or table["clean"][m]["diff_vs_uniform"] < 0)]
     same_lr = "; ".join(
         f"lr {lr:g}: " + ", ".join(f"{m} {results[('redundant', m, lr, sweep_seed)]['validation']:.3f}"
                                    for m in ("uniform", "linupper", "quadratic"))
@@ -296,12 +304,12 @@ def run_with(ctx: StudyContext, cfg: Config) -> StudyOutcome:
         "",
         f"Redundant data at a common learning rate (validation loss, seed {sweep_seed}): {same_lr}.",
         "",
-        f"Redundant data: {', '.join(beat) or 'none'} of linupper/quadratic/extremes beat uniform beyond noise. "
-        "Clean control (paper methods linupper, quadratic, extremes): "
-        + ("all within noise of uniform or better." if all(
-            table["clean"][m]["within_noise"] or table["clean"][m]["diff_vs_uniform"] < 0 for m in PAPER_METHODS)
-           else "some are worse than uniform beyond noise.")
-        + " The inverse control is reported but not part of the verdict.",
+        f"Redundant data, beating uniform beyond noise: {_listing(table['redundant'], beat)}; not: "
+        f"{_listing(table['redundant'], [m for m in PAPER_METHODS if m not in beat])}. "
+        f"Clean control, worse than uniform beyond noise: {_listing(table['clean'], costly)}. "
+        "The claim needs linupper and quadratic to beat uniform on redundant data and no paper method "
+        "(linupper, quadratic, extremes) to be worse than uniform beyond noise on clean data; the inverse "
+        "control is reported but not part of the verdict.",
         f"Claim {'holds' if holds else 'does NOT hold'} in this run.",
     ])
     config = {**asdict(cfg), "lrs": list(cfg.lrs), "best_lr": best_lr, "methods_in_verdict": list(PAPER_METHODS),
