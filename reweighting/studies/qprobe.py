@@ -234,8 +234,8 @@ def _plots(cfg: ArithmeticConfig, runs: list[dict], ctx: StudyContext, prefix: s
     ax.set_xticks(ks)
     ax.set_xticklabels([str(k) for k in ks])
     ax.set_xlabel("k (samples to choose from)")
-    ax.set_ylabel(f"expected reward ({_beta_label(cfg)})")
-    ax.set_title(f"{prefix}: Q-probe selection among k samples")
+    ax.set_ylabel("expected reward of the chosen sample")
+    ax.set_title(f"{prefix}: choosing among k samples\n({_beta_label(cfg)})", fontsize=10)
     ax.legend(fontsize=8)
     names.append(save_figure(fig, ctx.out_dir / "expected_return_vs_k.png"))
 
@@ -286,6 +286,13 @@ def summarize_runs(cfg, runs: list[dict], ctx: StudyContext, prefix: str, extra_
     if not holds:
         failed = [c for c, ok in checks.items() if not ok]
         lines.append(f"The claim does not hold in this run because of: {', '.join(failed)}.")
+    peaks = {n: max(cfg.ks, key=lambda k, n=n: by_k[n][k][0]) for n in OBJECTIVES}
+    if any(peak < k_max for peak in peaks.values()):
+        lines.append(
+            "Expected reward peaks at k = " + ", ".join(f"{peaks[n]} ({n})" for n in OBJECTIVES)
+            + f" and is lower at k = {k_max}: with more candidates, the chance grows that some wrong "
+            "completion gets a higher Q than every right one, so a probe's rare large errors start to "
+            "decide the choice (the paper's probes on a 7B model kept improving up to k = 48).")
     plots = _plots(cfg, runs, ctx, prefix)
     details = {"checks": checks, "per_seed": runs,
                "expected_return_by_k": {n: {k: v[0] for k, v in d.items()} for n, d in by_k.items()}}
