@@ -45,13 +45,14 @@ def _prepare(x: torch.Tensor, name: str, mask: torch.Tensor | None, group) -> tu
         raise ValueError(f"{name} is empty: a batch needs at least one sample")
     values = x.detach().float()
     if mask is None:
-        mask = torch.ones_like(values, dtype=torch.bool)
-    else:
-        check_same_length(x, name, mask, "mask")
-        mask = mask.to(device=values.device, dtype=torch.bool)
+        if checks_enabled():
+            check_finite(values, name)
+        return values, torch.ones_like(values, dtype=torch.bool)
+    check_same_length(x, name, mask, "mask")
+    mask = mask.to(device=values.device, dtype=torch.bool)
     if checks_enabled():
         check_finite(torch.where(mask, values, torch.zeros_like(values)), name)
-        if not bool(D.all_reduce_sum(mask.sum().float()) > 0):
+        if not bool(D.all_reduce_sum(mask.sum().float(), group) > 0):
             raise ValueError(f"mask excludes every sample of {name}: nothing left to weight")
     return values, mask
 
@@ -61,9 +62,15 @@ def _masked_max(v: torch.Tensor, mask: torch.Tensor, group) -> torch.Tensor:
     return D.all_reduce_max(local, group)
 
 
-def _masked_min(v: torch.Tensor, mask: torch.Tensor, group) -> torch.Tensor:
-    local = torch.where(mask, v, torch.full_like(v, math.inf)).amin() if v.numel() else v.new_tensor(math.inf)
-    return D.all_reduce_min(local, group)
+def _masked_range(v: torch.Tensor, mask: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global (max, min) over the included samples, in one all-reduce (max of ``[max, -min]``)."""
+    if v.numel():
+        local = torch.stack([torch.where(mask, v, torch.full_like(v, -math.inf)).amax(),
+                             -torch.where(mask, v, torch.full_like(v, math.inf)).amin()])
+    else:
+        local = v.new_full((2,), -math.inf)
+    hi, neg_lo = D.all_reduce_max(local, group)
+    return hi, -neg_lo
 
 
 def tilt(
@@ -100,8 +107,7 @@ def minmax_normalize(
     :func:`rank_normalize` for robust alternatives. Excluded samples get 0.
     """
     values, mask = _prepare(x, "x", mask, group)
-    hi = _masked_max(values, mask, group)
-    lo = _masked_min(values, mask, group)
+    hi, lo = _masked_range(values, mask, group)
     h = delta * (2 * values - hi - lo) / torch.clamp(hi - lo, min=eps)
     return torch.where(mask, h, torch.zeros_like(h))
 
@@ -247,8 +253,7 @@ def weight_stats(
         group,
     )
     n, total, squares, w_log_w, nonfinite, dropped = sums
-    hi = _masked_max(w, keep, group)
-    lo = _masked_min(w, keep, group)
+    hi, lo = _masked_range(w, keep, group)
     ess = total * total / squares
     # Entropy of p = w / total: -sum p log p = log(total) - sum(w log w) / total.
     entropy = torch.log(total) - w_log_w / total
