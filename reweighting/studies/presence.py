@@ -292,6 +292,10 @@ def run_with(ctx: StudyContext, cfg: Config) -> StudyOutcome:
         "|---|---|---|---|---|",
         *share_lines,
         "",
+        *([f"Inverse-only is below uniform ({mean['inverse'] - mean['uniform']:+.4f}) but PRESENCE is not: its "
+           f"direct stage (effective sample size {stage_mean(ess['presence'], 'first'):.2f} of the batch) costs "
+           "more than its inverse stage recovers in this run.", ""]
+          if mean["inverse"] < mean["uniform"] <= mean["presence"] else []),
         f"Corrupted SI higher (AUROC > {0.5 + cfg.auroc_margin:.2f} on average and > 0.5 on every seed): "
         f"{'yes' if si_higher else 'NO'}; PRESENCE below uniform: {'yes' if beats_uniform else 'NO'}; "
         f"below direct-only: {'yes' if beats_direct else 'NO'}. Claim {'holds' if holds else 'does NOT hold'} "
