@@ -106,6 +106,7 @@ def train_discriminator(
     holdout_repeats: int = 8,
     eval_every: int = 100,
     patience: int = 5,
+    min_steps: int = 0,
     generator: torch.Generator | None = None,
     show_progress: bool = True,
     desc: str = "discriminator",
@@ -116,8 +117,10 @@ def train_discriminator(
     ``schedule`` at times from ``schedule.sample_time``, and takes an Adam step on
     :func:`balanced_bce`. A share ``holdout_fraction`` of each set is held out, noised once at
     ``holdout_repeats`` fixed times per sample (so evaluations compare like with like), and
-    scored every ``eval_every`` steps; training stops after ``patience`` evaluations without
-    improvement and the best parameters are restored. The discriminator is left in ``eval()`` mode.
+    scored every ``eval_every`` steps; after ``min_steps``, training stops once ``patience``
+    evaluations have passed without improvement, and the best parameters are restored (a small
+    held-out set is noisy early on, when a few unlucky evaluations would otherwise stop a run
+    that has barely started). The discriminator is left in ``eval()`` mode.
     """
     if reference.shape[1:] != biased.shape[1:]:
         raise ValueError(
@@ -176,7 +179,7 @@ def train_discriminator(
                 best, best_step, best_state, since_best = held, step, copy.deepcopy(discriminator.state_dict()), 0
             else:
                 since_best += 1
-                if since_best >= patience:
+                if since_best >= patience and step >= min_steps:
                     stopped = True
                     break
     bar.close()

@@ -331,7 +331,7 @@ def train_ratio(data: Dataset, cfg: Config, seed: int, ctx: StudyContext, schedu
         batch_size=256, lr=3e-4 if small else 1e-3, weight_decay=1e-2 if small else 1e-4,
         holdout_fraction=0.2 if small else 0.1, holdout_repeats=16 if small else 8,
         eval_every=max(10, cfg.disc_steps // 60) if small else max(10, cfg.disc_steps // 40),
-        patience=30 if small else 10,
+        patience=30 if small else 10, min_steps=cfg.disc_steps // 2,
         generator=torch.Generator().manual_seed(50_000 + seed), show_progress=ctx.show_progress,
         desc=f"{data.name} discriminator (seed {seed})",
     )

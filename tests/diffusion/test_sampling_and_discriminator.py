@@ -58,6 +58,12 @@ def test_trained_discriminator_recovers_the_analytic_ratio():
                               eval_every=50, patience=4, generator=g, show_progress=False)
     assert fit.best_holdout_loss < math.log(2) - 0.05
     assert not disc.training and fit.history[0][0] == 0 and fit.steps_run >= fit.best_step
+    # early stopping waits for min_steps however flat the held-out loss is
+    flat = TimeDependentDiscriminator(TimeMLP(2, 1, hidden=8, depth=1, squeeze=True))
+    same = torch.randn(200, 2, generator=g)
+    short = train_discriminator(flat, same[:100], same[100:], schedule, steps=200, eval_every=10, patience=1,
+                                min_steps=120, generator=g, show_progress=False)
+    assert short.steps_run >= 120
     exact = TimeDependentRatio(ExactGaussianLogit(m, schedule), clip=None)
     learned = TimeDependentRatio(disc)
     x = torch.randn(2000, 2, generator=g) * 1.2 + 0.5 * m
