@@ -8,6 +8,7 @@ temperature 1.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -127,20 +128,30 @@ def fit_probe(
     from tqdm.auto import tqdm
 
     bar = tqdm(range(epochs), desc=f"fit Q-probe ({objective})", disable=not progress, leave=False, dynamic_ncols=True)
+    buffer = None
     with checks(False):  # the inputs were validated above; no per-step host reads
         for _ in bar:
             if grouped:
                 table = chunk_groups(group_ids, group_size, generator).to(device)
-                batches = table.split(chunks_per_batch)
+                order = table.clamp(min=0).reshape(-1)
             else:
-                batches = torch.randperm(n, generator=generator).to(device).split(batch_size)
-            total = torch.zeros((), device=device)
-            for idx in batches:
+                order = torch.randperm(n, generator=generator).to(device)
+            # One gather per epoch into a reused buffer, so that every batch is a contiguous slice:
+            # much cheaper than gathering scattered rows batch by batch.
+            if buffer is None or buffer.shape[0] != order.shape[0]:
+                buffer = torch.empty((order.shape[0], dim), device=device)
+            torch.index_select(x, 0, order, out=buffer)
+            shuffled_r = r[order]
+            if grouped:
+                per_batch = chunks_per_batch * group_size
+                pieces = zip(buffer.split(per_batch), shuffled_r.split(per_batch), (table >= 0).split(chunks_per_batch))
+            else:
+                pieces = zip(buffer.split(batch_size), shuffled_r.split(batch_size), itertools.repeat(None))
+            total, steps = torch.zeros((), device=device), 0
+            for xb, rb, valid in pieces:
                 if grouped:
-                    valid = idx >= 0
-                    safe = idx.clamp(min=0)
-                    q = head(x[safe.reshape(-1)]).reshape(safe.shape)
-                    rb = r[safe]
+                    q = head(xb).reshape(valid.shape)
+                    rb = rb.reshape(valid.shape)
                     if objective == "pg":
                         loss = pg_loss(q, rb, valid, temperature=temperature)
                     else:
@@ -150,14 +161,15 @@ def fit_probe(
                         flat = q.reshape(-1)
                         loss = preference_loss(flat[win], flat[lose])
                 else:
-                    q = head(x[idx]).squeeze(-1)
-                    loss = mse_loss(q, r[idx]) if objective == "mse" else bce_loss(q, r[idx])
+                    q = head(xb).squeeze(-1)
+                    loss = mse_loss(q, rb) if objective == "mse" else bce_loss(q, rb)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total += loss.detach()
+                steps += 1
             if progress:
-                bar.set_postfix(loss=float(total) / max(1, len(batches)))
+                bar.set_postfix(loss=float(total) / max(1, steps))
     if standardize:
         probe.set_standardization(mean, std)
     return probe.eval()
