@@ -443,7 +443,8 @@ def plot_digits(samples: dict[str, torch.Tensor], labels: dict[str, torch.Tensor
     fig.clf()
     for j, (name, x) in enumerate(samples.items()):
         order = torch.argsort(labels[name][:per_method], stable=True)
-        grid = x[:per_method][order].clamp(-1, 1).reshape(8, 5, 8, 8).permute(0, 2, 1, 3).reshape(64, 40)
+        images = torch.nn.functional.pad(x[:per_method][order].clamp(-1, 1).reshape(-1, 8, 8), (1, 1, 1, 1), value=-1.0)
+        grid = images.reshape(8, 5, 10, 10).permute(0, 2, 1, 3).reshape(80, 50)  # 8 rows of 5 digits
         ax = fig.add_subplot(1, len(samples), j + 1)
         ax.imshow(grid.numpy(), cmap="gray_r", vmin=-1, vmax=1)
         ax.set_title(name, fontsize=9)
