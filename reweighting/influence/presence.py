@@ -52,9 +52,10 @@ class PresenceReweighter:
     """Two-stage PRESENCE weights and the weighted update, with a step counter.
 
     Steps ``0 .. switch_step - 1`` use ``tau_first``; from step ``switch_step`` on, ``tau_second``.
-    The counter advances once per :meth:`backward` (or :meth:`advance`), and is saved by
-    :meth:`state_dict`. ``microbatches=n`` scores ``n`` contiguous micro-batches of each rank's
-    batch as units; ``None`` scores each sample.
+    The counter counts optimizer steps: :meth:`backward` advances it by default; with gradient
+    accumulation pass ``advance=False`` on every micro-batch and call :meth:`advance` once per
+    optimizer step. It is saved by :meth:`state_dict`. ``microbatches=n`` scores ``n``
+    contiguous micro-batches of each rank's batch as units; ``None`` scores each sample.
     """
 
     def __init__(
@@ -100,10 +101,12 @@ class PresenceReweighter:
         sizes = torch.tensor(microbatch_sizes(batch_size, self.microbatches), device=unit_weights.device)
         return torch.repeat_interleave(unit_weights / sizes, sizes)
 
-    def backward(self, influence: SelfInfluence, losses: torch.Tensor) -> torch.Tensor:
-        """Score the captured batch, add ``sum_i w_i grad l_i`` to ``.grad``, advance; returns ``w`` ``[B]``.
+    def backward(self, influence: SelfInfluence, losses: torch.Tensor, *, advance: bool = True) -> torch.Tensor:
+        """Score the captured batch, add ``sum_i w_i grad l_i`` to ``.grad``; returns ``w`` ``[B]``.
 
         The weights sum to one over the global batch, so the update is on the scale of a mean loss.
+        ``advance=True`` then counts one optimizer step; pass ``False`` for all but the last
+        micro-batch of an accumulation window (or for all, and call :meth:`advance` yourself).
         """
         si = influence.norms(losses, microbatches=self.microbatches)
         unit_weights = self.weights(si)
@@ -111,7 +114,8 @@ class PresenceReweighter:
         influence.weighted_backward(w)
         self.last_self_influence = si
         self.last_stats = weight_stats(unit_weights, group=self.group)
-        self.advance()
+        if advance:
+            self.advance()
         return w
 
     def advance(self) -> None:

@@ -32,6 +32,18 @@ def test_two_stage_switch_happens_at_switch_step_and_state_round_trips():
     resumed = PresenceReweighter(switch_step=0, tau_first=5.0)
     resumed.load_state_dict(r.state_dict())
     assert (resumed.step, resumed.tau, resumed.switch_step) == (4, -1.0, 2)
+    # under gradient accumulation only the optimizer step counts
+    model = M.SeqModel()
+    tokens, mask = M.seq_batch(b=4)
+    si = SelfInfluence(model, broadcast=[model.pos])
+    accumulating = PresenceReweighter(switch_step=1)
+    for _ in range(2):
+        with si.capture():
+            losses = M.seq_loss(model, tokens, mask)
+        accumulating.backward(si, losses, advance=False)
+    assert accumulating.step == 0
+    accumulating.advance()
+    assert accumulating.tau == -1.0
     with pytest.raises(ValueError, match="switch_step"):
         PresenceReweighter(switch_step=-1)
     with pytest.raises(ValueError, match="microbatches"):
