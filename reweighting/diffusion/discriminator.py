@@ -107,6 +107,8 @@ def train_discriminator(
     eval_every: int = 100,
     patience: int = 5,
     min_steps: int = 0,
+    ema: float | None = None,
+    lr_decay: bool = False,
     generator: torch.Generator | None = None,
     show_progress: bool = True,
     desc: str = "discriminator",
@@ -121,6 +123,12 @@ def train_discriminator(
     evaluations have passed without improvement, and the best parameters are restored (a small
     held-out set is noisy early on, when a few unlucky evaluations would otherwise stop a run
     that has barely started). The discriminator is left in ``eval()`` mode.
+
+    ``ema`` (for example 0.999) keeps an exponential moving average of the parameters, which is
+    what gets evaluated, kept and returned; ``lr_decay`` anneals the learning rate to zero over
+    ``steps`` (cosine). Both damp the optimiser's noise, which matters at high noise levels: there
+    the log-ratio is small and smooth and the per-sample signal weak, so the parameters' jitter
+    would otherwise swamp the input gradient ``grad_x log w_t`` that TIW-DSM's correction uses.
     """
     if reference.shape[1:] != biased.shape[1:]:
         raise ValueError(
@@ -133,6 +141,8 @@ def train_discriminator(
         )
     if not (0.0 < holdout_fraction < 1.0):
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}")
+    if ema is not None and not (0.0 <= ema < 1.0):
+        raise ValueError(f"ema must be in [0, 1) or None, got {ema!r}")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = next(discriminator.parameters()).device
     ref_train, ref_out = _split(reference.float(), holdout_fraction, gen, "reference")
@@ -141,17 +151,21 @@ def train_discriminator(
     ref_out_t, ref_out_time = _noised(schedule, _repeat(ref_out, holdout_repeats).to(device), gen)
     bias_out_t, bias_out_time = _noised(schedule, _repeat(bias_out, holdout_repeats).to(device), gen)
 
+    # The model that is evaluated and returned: the EMA copy, or the trained network itself.
+    averaged = copy.deepcopy(discriminator).requires_grad_(False) if ema is not None else discriminator
+
     def holdout_loss() -> float:
-        discriminator.eval()
-        loss = balanced_bce(_logits(discriminator, ref_out_t, ref_out_time),
-                            _logits(discriminator, bias_out_t, bias_out_time))
+        averaged.eval()
+        loss = balanced_bce(_logits(averaged, ref_out_t, ref_out_time),
+                            _logits(averaged, bias_out_t, bias_out_time))
         discriminator.train()
         return float(loss)
 
     optimizer = torch.optim.Adam(discriminator.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule_lr = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.0) if lr_decay else None
     half = batch_size // 2
     best = holdout_loss()
-    best_step, best_state = 0, copy.deepcopy(discriminator.state_dict())
+    best_step, best_state = 0, copy.deepcopy(averaged.state_dict())
     history: list[tuple[int, float, float]] = [(0, float("nan"), best)]
     since_best, running, count, step = 0, 0.0, 0, 0
     stopped = False
@@ -169,6 +183,16 @@ def train_discriminator(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if schedule_lr is not None:
+            schedule_lr.step()
+        if ema is not None:
+            # warm-up, so that the average does not keep the random initialisation for long
+            decay = min(ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for avg, p in zip(averaged.parameters(), discriminator.parameters()):
+                    avg.lerp_(p, 1 - decay)
+                for avg, b in zip(averaged.buffers(), discriminator.buffers()):
+                    avg.copy_(b)
         running, count = running + float(loss.detach()), count + 1
         if step % eval_every == 0 or step == steps:
             held = holdout_loss()
@@ -176,7 +200,7 @@ def train_discriminator(
             running, count = 0.0, 0
             bar.set_postfix(holdout=f"{held:.4f}", best=f"{min(best, held):.4f}")
             if held < best:
-                best, best_step, best_state, since_best = held, step, copy.deepcopy(discriminator.state_dict()), 0
+                best, best_step, best_state, since_best = held, step, copy.deepcopy(averaged.state_dict()), 0
             else:
                 since_best += 1
                 if since_best >= patience and step >= min_steps:
