@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from . import distributed as D
-from .checks import check_batch, check_temperature, checks_enabled, describe_indices
+from .checks import check_batch, check_temperature, checks, checks_enabled, describe_indices
 from .reduce import accumulate_weighted, weighted_loss
 from .weights import WeightStats, normalize, tilt, weight_stats
 
@@ -250,9 +250,12 @@ class LossReweighter:
             weights = ones / D.global_count(ones.sum(), values.device, self.group)
         else:
             temperature = self.warmup_temperature if self.in_warmup else self.temperature
-            h = normalize(values, self.normalize, self.delta, mask=mask, group=self.group)
-            scores = strategy_scores(h, self.strategy, self.delta)
-            weights = tilt(scores, temperature, mask=mask, group=self.group)
+            # Under "raise", _finite_mask has already checked every loss (agreed over ranks), and
+            # finite losses give finite scores: skip the core's per-call re-checks (a host sync each).
+            with checks(False) if mask is None else nullcontext():
+                h = normalize(values, self.normalize, self.delta, mask=mask, group=self.group)
+                scores = strategy_scores(h, self.strategy, self.delta)
+                weights = tilt(scores, temperature, mask=mask, group=self.group)
         self.stats = weight_stats(weights, mask=mask, n_nonfinite=n_nonfinite, n_dropped=n_nonfinite,
                                   group=self.group)
         return weights, mask
