@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from .. import distributed as D
-from ..checks import check_nonnegative_weights, describe_indices
+from ..checks import check_nonnegative_weights, checks_enabled, describe_indices
 from ..reduce import _rng_state, _set_rng_state, sequence_loss, weighted_loss
 from ..weights import WeightStats, weight_stats
 
@@ -126,7 +126,8 @@ def combine_weights(
     check_nonnegative_weights(c, WEIGHT_COLUMN, allow_all_zero=True)
     product = c if reweighter_weights is None else c * reweighter_weights.detach().float().to(device)
     total = D.all_reduce_sum(product.sum(), group)
-    if not bool(total > 0):
+    # bool() reads the total back to the host: only when checks are on, as for the core's checks.
+    if checks_enabled() and not bool(total > 0):
         raise ValueError(f"{WEIGHT_COLUMN} (times the reweighter's weights) is zero for every sample of the "
                          f"global batch; positive on this rank at {describe_indices(c > 0)}")
     return product / total
