@@ -193,10 +193,10 @@ def train_discriminator(
                     avg.lerp_(p, 1 - decay)
                 for avg, b in zip(averaged.buffers(), discriminator.buffers()):
                     avg.copy_(b)
-        running, count = running + float(loss.detach()), count + 1
+        running, count = running + loss.detach().double(), count + 1  # a tensor: no host sync per step
         if step % eval_every == 0 or step == steps:
             held = holdout_loss()
-            history.append((step, running / count, held))
+            history.append((step, float(running) / count, held))
             running, count = 0.0, 0
             bar.set_postfix(holdout=f"{held:.4f}", best=f"{min(best, held):.4f}")
             if held < best:
