@@ -20,11 +20,11 @@ def test_two_ranks_equal_one_process(results, k):
     x, y = W.global_batch()
     want = W.run_case(W.CASES[k], x, y)
     got = [r["cases"][k] for r in results]
-    weights = torch.cat([torch.from_numpy(g["weights"]) for g in got])
+    weights = torch.cat([g["weights"] for g in got])
     torch.testing.assert_close(weights, want["weights"], atol=1e-7, rtol=1e-6)
     for g in got:
-        torch.testing.assert_close(torch.from_numpy(g["grad"]), want["grad"], atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(torch.from_numpy(g["loss"]), want["loss"], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(g["grad"], want["grad"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(g["loss"], want["loss"], atol=1e-6, rtol=1e-6)
         assert g["stats"] == pytest.approx(want["stats"], rel=1e-5)
 
 
@@ -32,8 +32,8 @@ def test_global_accumulation_over_ranks_and_micro_batches_equals_one_batch(resul
     x, y = W.global_batch()
     want = W.run_case({"strategy": "linupper"}, x, y)
     for r in results:
-        torch.testing.assert_close(torch.from_numpy(r["window"]["grad"]), want["grad"], atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(torch.from_numpy(r["window"]["loss"]), want["loss"], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(r["window"]["grad"], want["grad"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(r["window"]["loss"], want["loss"], atol=1e-6, rtol=1e-6)
         assert r["window"]["stats"] == pytest.approx(want["stats"], rel=1e-5)
 
 
