@@ -146,6 +146,7 @@ def scope_modules(model, cfg: Config) -> list | None:
 def train(data: Data, cfg: Config, method: str, seed: int, device: torch.device) -> dict:
     """Train one model; returns its held-out loss and the weight share of corrupted samples per stage."""
     from ..influence import PresenceReweighter, SelfInfluence
+    from ..weights import zscore
     from .lm import GPTConfig, TinyGPT
 
     torch.manual_seed(seed)
@@ -177,7 +178,9 @@ def train(data: Data, cfg: Config, method: str, seed: int, device: torch.device)
             ess[stage].append(float(presence.last_stats.ess_fraction))
             if cfg.microbatches is None:
                 z = presence.last_self_influence
-                online_z.append((z - z.mean()) / z.std().clamp(min=1e-12))
+                # The core's z-score (population std, eps=0 for no shift): a constant factor
+                # sqrt((n - 1) / n) from the former sample-std version, so the AUROC is unchanged.
+                online_z.append(zscore(z, eps=0.0))
                 online_bad.append(bad)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
