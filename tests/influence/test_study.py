@@ -40,5 +40,5 @@ def test_study_runs_end_to_end_at_smoke_size(tmp_path):
     # Before its switch PRESENCE is the direct method: same initialisation, batches and weights.
     share = outcome.details["corrupted_weight_share"]
     assert share["presence"][0]["first"] == share["direct"][0]["first"]
-    assert all((tmp_path / name).exists() for name in outcome.plots)
+    assert len(outcome.plots) == 2 and all((tmp_path / name).exists() for name in outcome.plots)
     json.dumps(outcome.details)
