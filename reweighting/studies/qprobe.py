@@ -170,9 +170,38 @@ def _train_lm(cfg: ArithmeticConfig, train_pairs: torch.Tensor, check_pairs: tor
     return model.eval(), step, accuracy
 
 
-def _one_seed(cfg: ArithmeticConfig, seed: int, ctx: StudyContext) -> dict:
+def fit_and_evaluate(cfg, train_features: torch.Tensor, train_rewards: torch.Tensor, test_features: torch.Tensor,
+                     test_rewards: torch.Tensor, seed: int, ctx: StudyContext) -> dict:
+    """Fit one probe per objective and evaluate it on the test prompts (shared with ``qprobe-smollm2``).
+
+    Rewards are ``[prompts, k]``; features are ``[prompts * k, D]`` or ``[prompts, k, D]``. Each
+    probe's tuned beta is the one of ``cfg.betas`` with the highest expected return on the training
+    prompts (k = all training samples). Returns ``baseline``, ``pass_at_k``, ``probes`` and ``tuned_beta``.
+    """
     from ..qprobe import evaluate_probe, expected_return, fit_probe
 
+    n_train, k_train = train_rewards.shape
+    n_test, k_test = test_rewards.shape
+    train_features = train_features.reshape(n_train * k_train, -1)
+    test_features = test_features.reshape(n_test * k_test, -1)
+    groups = torch.arange(n_train).repeat_interleave(k_train)
+    out: dict = {"probes": {}, "tuned_beta": {}}
+    for name, objective in OBJECTIVES.items():
+        probe = fit_probe(train_features, train_rewards.reshape(-1), groups, objective, lr=cfg.probe_lr,
+                          epochs=cfg.probe_epochs, batch_size=cfg.probe_batch, weight_decay=cfg.weight_decay,
+                          seed=seed, device=ctx.device, progress=ctx.show_progress)
+        q = probe.score(test_features.to(ctx.device)).cpu().view(n_test, k_test)
+        table = evaluate_probe(q, test_rewards, cfg.ks, cfg.betas)
+        out["baseline"], out["pass_at_k"] = table["baseline"], table["pass_at_k"]
+        q_train = probe.score(train_features.to(ctx.device)).cpu().view(n_train, k_train)
+        on_train = {b: float(expected_return(q_train, train_rewards, k_train, b)) for b in cfg.betas}
+        chosen = max(cfg.betas, key=lambda b: on_train[b])
+        out["probes"][name] = {**table["expected_return"], TUNED: table["expected_return"][chosen]}
+        out["tuned_beta"][name] = chosen
+    return out
+
+
+def _one_seed(cfg: ArithmeticConfig, seed: int, ctx: StudyContext) -> dict:
     device = ctx.device
     g = torch.Generator().manual_seed(1000 + seed)
     pairs = torch.cartesian_prod(torch.arange(10, 100), torch.arange(10, 100))
@@ -187,21 +216,8 @@ def _one_seed(cfg: ArithmeticConfig, seed: int, ctx: StudyContext) -> dict:
 
     train = _sample(model, probe_train, cfg.train_samples, g, device, cfg.temperature)
     held = _sample(model, test, cfg.test_samples, g, device, cfg.temperature)
-    groups = torch.arange(cfg.train_prompts).repeat_interleave(cfg.train_samples)
-    out = {"lm_steps": steps, "lm_check_accuracy": accuracy, "train_mean_reward": float(train["rewards"].mean()),
-           "probes": {}}
-    for name, objective in OBJECTIVES.items():
-        probe = fit_probe(train["features"], train["rewards"].reshape(-1), groups, objective, lr=cfg.probe_lr,
-                          epochs=cfg.probe_epochs, batch_size=cfg.probe_batch, weight_decay=cfg.weight_decay,
-                          seed=seed, device=device, progress=ctx.show_progress)
-        q = probe.score(held["features"].to(device)).cpu().view(cfg.test_prompts, cfg.test_samples)
-        table = evaluate_probe(q, held["rewards"], cfg.ks, cfg.betas)
-        out["baseline"], out["pass_at_k"] = table["baseline"], table["pass_at_k"]
-        q_train = probe.score(train["features"].to(device)).cpu().view(cfg.train_prompts, cfg.train_samples)
-        on_train = {b: float(expected_return(q_train, train["rewards"], cfg.train_samples, b)) for b in cfg.betas}
-        chosen = max(cfg.betas, key=lambda b: on_train[b])
-        out["probes"][name] = {**table["expected_return"], TUNED: table["expected_return"][chosen]}
-        out.setdefault("tuned_beta", {})[name] = chosen
+    out = {"lm_steps": steps, "lm_check_accuracy": accuracy, "train_mean_reward": float(train["rewards"].mean())}
+    out.update(fit_and_evaluate(cfg, train["features"], train["rewards"], held["features"], held["rewards"], seed, ctx))
     return out
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,8 +29,6 @@ from . import Study, StudyContext, StudyOutcome
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 OPERATIONS = {"plus": lambda a, b: a + b, "times": lambda a, b: a * b}
-OBJECTIVES = {"L_Q": "mse", "L_CE": "bce", "L_PG": "pg"}
-TUNED = "tuned"
 
 
 @dataclass(frozen=True)
@@ -124,29 +122,6 @@ def _rewards(completions: list[list[str]], answers: list[int]) -> torch.Tensor:
                          for row, answer in zip(completions, answers)])
 
 
-def _probe_seed(cfg: SmolConfig, train: dict, test: dict, seed: int, ctx: StudyContext) -> dict:
-    from ..qprobe import evaluate_probe, expected_return, fit_probe
-
-    n_train, k_train = train["rewards"].shape
-    n_test, k_test = test["rewards"].shape
-    groups = torch.arange(n_train).repeat_interleave(k_train)
-    out: dict = {"probes": {}, "tuned_beta": {}}
-    for name, objective in OBJECTIVES.items():
-        probe = fit_probe(train["features"].reshape(n_train * k_train, -1), train["rewards"].reshape(-1), groups,
-                          objective, lr=cfg.probe_lr, epochs=cfg.probe_epochs, batch_size=cfg.probe_batch,
-                          weight_decay=cfg.weight_decay, seed=seed, device=ctx.device, progress=ctx.show_progress)
-        q = probe.score(test["features"].reshape(n_test * k_test, -1).to(ctx.device)).cpu().view(n_test, k_test)
-        table = evaluate_probe(q, test["rewards"], cfg.ks, cfg.betas)
-        out["baseline"], out["pass_at_k"] = table["baseline"], table["pass_at_k"]
-        q_train = probe.score(train["features"].reshape(n_train * k_train, -1).to(ctx.device)).cpu()
-        q_train = q_train.view(n_train, k_train)
-        on_train = {b: float(expected_return(q_train, train["rewards"], k_train, b)) for b in cfg.betas}
-        chosen = max(cfg.betas, key=lambda b: on_train[b])
-        out["probes"][name] = {**table["expected_return"], TUNED: table["expected_return"][chosen]}
-        out["tuned_beta"][name] = chosen
-    return out
-
-
 def run_smollm2(cfg: SmolConfig, ctx: StudyContext, *, load: Callable[[], tuple] = _load_smollm2,
                 model_id: str | None = None, cache: Path | None = None) -> StudyOutcome:
     """The whole study for one configuration.
@@ -158,7 +133,7 @@ def run_smollm2(cfg: SmolConfig, ctx: StudyContext, *, load: Callable[[], tuple]
     import time
 
     from ..qprobe.smollm2 import cache_dir
-    from .qprobe import summarize_runs
+    from .qprobe import fit_and_evaluate, summarize_runs
 
     model_id = model_id or _smollm2_id()
     cache = cache or cache_dir() / "qprobe-smollm2-samples"
@@ -172,15 +147,15 @@ def run_smollm2(cfg: SmolConfig, ctx: StudyContext, *, load: Callable[[], tuple]
         sets[name] = {"features": data["features"], "rewards": _rewards(data["completions"], [a for _, a in qa]),
                       "completions": data["completions"]}
     sampling_cpu_s = time.process_time() - start
-    runs = [_probe_seed(cfg, sets["train"], sets["test"], seed, ctx) for seed in ctx.progress(ctx.seeds, "probe seeds")]
+    train, test = sets["train"], sets["test"]
+    runs = [fit_and_evaluate(cfg, train["features"], train["rewards"], test["features"], test["rewards"], seed, ctx)
+            for seed in ctx.progress(ctx.seeds, "probe seeds")]
     extra = {"model": model_id, "sampled_now": "model" in box, "sampling_cpu_s": sampling_cpu_s,
              "train_mean_reward": float(sets["train"]["rewards"].mean()),
              "tuned_beta": [r["tuned_beta"] for r in runs],
              "example_test_completions": {q: sets["test"]["completions"][i][:4] for i, (q, _) in
                                           enumerate(test_qa[:3])}}
-    outcome = summarize_runs(cfg, runs, ctx, "SmolLM2-135M-Instruct, one-digit arithmetic", extra)
-    outcome.config.update(asdict(cfg))
-    return outcome
+    return summarize_runs(cfg, runs, ctx, "SmolLM2-135M-Instruct, one-digit arithmetic", extra)
 
 
 def _run(ctx: StudyContext) -> StudyOutcome:
