@@ -24,7 +24,7 @@ from .. import distributed as D
 from ..checks import checks_enabled, describe_indices
 from ..reduce import weighted_loss
 from ..resample import dirichlet_weights, resample_counts
-from .transition import check_transition
+from .transition import _check_labels, check_transition
 
 __all__ = [
     "importance_weights",
@@ -55,9 +55,7 @@ def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, T: torch.Tensor, c
         raise ValueError(f"T has shape {tuple(T.shape)} but logits have {num_classes} classes")
     if check and checks_enabled():
         check_transition(T, num_classes, invertible=invertible)
-        out = (labels < 0) | (labels >= num_classes)
-        if bool(out.any()):
-            raise ValueError(f"labels outside [0, {num_classes}) at sample indices {describe_indices(out)}")
+        _check_labels(labels, num_classes)
         bad = ~torch.isfinite(logits.detach()).all(1)
         if bool(bad.any()):
             raise ValueError(f"logits have NaN or infinite values at sample indices {describe_indices(bad)}")

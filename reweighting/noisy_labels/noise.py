@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_batch, describe_indices
-from .transition import check_transition, pair_transition, symmetric_transition
+from ..checks import check_batch
+from .transition import _check_labels, check_transition, pair_transition, symmetric_transition
 
 __all__ = ["corrupt_labels", "symmetric_noise", "pair_noise"]
 
@@ -18,9 +18,7 @@ def corrupt_labels(labels: torch.Tensor, T: torch.Tensor, *, generator: torch.Ge
     check_batch(labels, "labels")
     T = check_transition(T)
     clean = labels.long()
-    out = (clean < 0) | (clean >= T.shape[0])
-    if bool(out.any()):
-        raise ValueError(f"labels outside [0, {T.shape[0]}) at sample indices {describe_indices(out)}")
+    _check_labels(clean, T.shape[0])
     columns = T.t()[clean.cpu()].double().clamp(min=0)
     return torch.multinomial(columns, 1, generator=generator).reshape(-1).to(labels.device)
 

@@ -110,6 +110,13 @@ def _check_rate(rate: float, num_classes: int) -> None:
         raise ValueError(f"rate must be in [0, 1), got {rate!r}")
 
 
+def _check_labels(labels: torch.Tensor, num_classes: int, name: str = "labels") -> None:
+    """Every label must be a class index in ``[0, num_classes)``; raises naming the samples that are not."""
+    out = (labels < 0) | (labels >= num_classes)
+    if bool(out.any()):
+        raise ValueError(f"{name} outside [0, {num_classes}) at sample indices {describe_indices(out)}")
+
+
 def _check_posteriors(probs: torch.Tensor, noisy_labels: torch.Tensor | None) -> torch.Tensor:
     if not isinstance(probs, torch.Tensor) or probs.dim() != 2:
         raise ValueError(f"probs must be a [samples, classes] tensor, got {getattr(probs, 'shape', type(probs))}")
@@ -122,9 +129,7 @@ def _check_posteriors(probs: torch.Tensor, noisy_labels: torch.Tensor | None) ->
         check_batch(noisy_labels, "noisy_labels")
         if noisy_labels.shape[0] != p.shape[0]:
             raise ValueError(f"noisy_labels has {noisy_labels.shape[0]} samples but probs has {p.shape[0]}")
-        out = (noisy_labels < 0) | (noisy_labels >= p.shape[1])
-        if bool(out.any()):
-            raise ValueError(f"noisy_labels outside [0, {p.shape[1]}) at sample indices {describe_indices(out)}")
+        _check_labels(noisy_labels, p.shape[1], "noisy_labels")
     return p
 
 
