@@ -312,8 +312,11 @@ def run_with(ctx: StudyContext, cfg: Config) -> StudyOutcome:
         "control is reported but not part of the verdict.",
         f"Claim {'holds' if holds else 'does NOT hold'} in this run.",
     ])
+    from .lm import python_version
+
     config = {**asdict(cfg), "lrs": list(cfg.lrs), "best_lr": best_lr, "methods_in_verdict": list(PAPER_METHODS),
-              "workers": workers, "training_seconds": time.perf_counter() - start}
+              "workers": workers, "training_seconds": time.perf_counter() - start,
+              "python": python_version()}  # the corpus is this Python's standard library
     details = {"verdict": table, "duplicate_weight_share": shares, "hardest_clean_quarter_share": hard,
                "final_train_loss": {s: {m: [r["final_train_loss"] for r in chosen[s][m]] for m in METHODS}
                                     for s in SETTINGS},

@@ -6,6 +6,7 @@ import torch
 
 from reweighting.studies import StudyContext, all_studies, run_study
 from reweighting.studies import loss_reweighting as S
+from reweighting.studies.lm import python_version
 
 
 def test_study_runs_and_reports(tmp_path, monkeypatch):
@@ -15,6 +16,7 @@ def test_study_runs_and_reports(tmp_path, monkeypatch):
     results = run_study(study, quick=True, num_seeds=2, out_dir=tmp_path, show_progress=False)
     on_disk = json.loads((tmp_path / "loss-reweighting" / "results.json").read_text())
     assert on_disk["study"] == "loss-reweighting" and on_disk["quick"] is True
+    assert results["config"]["python"] == python_version()  # the corpus depends on it
     names = {f"{m} ({s})" for m in S.METHODS for s in S.SETTINGS}
     assert set(results["methods"]) == names
     for summary in results["methods"].values():
