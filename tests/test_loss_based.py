@@ -314,3 +314,18 @@ def test_stats_are_those_of_the_core():
     r = rw.LossReweighter("quadratic", temperature=1.0)
     w = r.weights(LOSSES)
     assert r.stats.as_dict() == pytest.approx(rw.weight_stats(w).as_dict())
+
+
+def test_finiteness_is_checked_once_per_call(monkeypatch):
+    # _finite_mask's rank-agreed check is the only one: the core's per-call re-checks (a host sync
+    # each) are skipped under nonfinite="raise", and the checks setting is restored afterwards.
+    import reweighting.weights as core
+
+    calls = []
+    monkeypatch.setattr(core, "check_finite", lambda *a, **k: calls.append(a))
+    for normalize in ("minmax", "quantile", "rank"):
+        w = rw.LossReweighter("linupper", normalize=normalize).weights(LOSSES)
+        assert torch.isfinite(w).all()
+    assert calls == [] and rw.checks_enabled()
+    rw.LossReweighter("linupper", nonfinite="zero").weights(LOSSES)  # a mask: the core checks it
+    assert len(calls) == 2  # normalize and tilt
