@@ -181,10 +181,10 @@ def train(args: argparse.Namespace) -> dict:
             for mb in micro_batches:
                 with si.capture():
                     losses = sequence_losses(model, mb, autocast)
-                weights = reweighter.per_sample(reweighter.weights(si.norms(losses)), mb.shape[0])
-                si.weighted_backward(weights / K * (loss_scale if scaler else 1.0))
+                weights = reweighter.backward(si, losses, advance=False,
+                                              scale=(loss_scale if scaler else 1.0) / K)
                 objective += rw.weighted_loss(losses.detach(), weights) / K
-            stats = rw.weight_stats(weights)
+            stats = reweighter.last_stats
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

@@ -101,17 +101,26 @@ class PresenceReweighter:
         sizes = torch.tensor(microbatch_sizes(batch_size, self.microbatches), device=unit_weights.device)
         return torch.repeat_interleave(unit_weights / sizes, sizes)
 
-    def backward(self, influence: SelfInfluence, losses: torch.Tensor, *, advance: bool = True) -> torch.Tensor:
-        """Score the captured batch, add ``sum_i w_i grad l_i`` to ``.grad``; returns ``w`` ``[B]``.
+    def backward(
+        self,
+        influence: SelfInfluence,
+        losses: torch.Tensor,
+        *,
+        advance: bool = True,
+        scale: float | torch.Tensor = 1.0,
+    ) -> torch.Tensor:
+        """Score the captured batch, add ``scale * sum_i w_i grad l_i`` to ``.grad``; returns ``w`` ``[B]``.
 
         The weights sum to one over the global batch, so the update is on the scale of a mean loss.
+        ``scale`` multiplies only the gradient (e.g. ``1 / K`` for ``K`` accumulated micro-batches,
+        times an fp16 loss scale); the returned weights and :attr:`last_stats` are unscaled.
         ``advance=True`` then counts one optimizer step; pass ``False`` for all but the last
         micro-batch of an accumulation window (or for all, and call :meth:`advance` yourself).
         """
         si = influence.norms(losses, microbatches=self.microbatches)
         unit_weights = self.weights(si)
         w = self.per_sample(unit_weights, losses.shape[0])
-        influence.weighted_backward(w)
+        influence.weighted_backward(w * scale)
         self.last_self_influence = si
         self.last_stats = weight_stats(unit_weights, group=self.group)
         if advance:

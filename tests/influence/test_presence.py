@@ -74,3 +74,21 @@ def test_backward_applies_sum_of_weighted_per_sample_gradients(microbatches):
     for name, p in model.named_parameters():
         want = torch.einsum("b,b...->...", want_w, grads[name])
         assert ((p.grad - want).abs().max() / want.abs().max()) < 1e-4, name
+
+
+def test_backward_scale_multiplies_only_the_gradient():
+    model = M.SeqModel()
+    tokens, mask = M.seq_batch(b=4)
+    si = SelfInfluence(model, broadcast=[model.pos])
+    grads = {}
+    weights = {}
+    for scale in (1.0, 0.25):
+        model.zero_grad(set_to_none=True)
+        r = PresenceReweighter(switch_step=1)
+        with si.capture():
+            losses = M.seq_loss(model, tokens, mask)
+        weights[scale] = r.backward(si, losses, scale=scale)
+        grads[scale] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.testing.assert_close(weights[0.25], weights[1.0])
+    for name, g in grads[1.0].items():
+        torch.testing.assert_close(grads[0.25][name], 0.25 * g, msg=name)
