@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = GPT2LMHeadModel(config)
     extra = {}
     if args.reweighter == "presence":
-        # GPT-2's attention and MLP use transformers' Conv1D, which the engine has no rule for; score the
-        # first block's LayerNorms (the paper scores the first layers) and update the rest by autograd.
+        # Score only the first block's LayerNorms (the paper scores the first layers; cheap) and update the
+        # rest by autograd. The engine also has a rule for GPT-2's Conv1D, should a wider scope be wanted.
         block = model.transformer.h[0]
         extra["self_influence"] = rw.SelfInfluence(model, modules=[block.ln_1, block.ln_2], bookkeeping=False)
         extra["reweighter"] = rw.PresenceReweighter(switch_step=args.steps // 2)
