@@ -68,14 +68,15 @@ def pack_sequences(documents: list[bytes], seq_len: int, *, max_sequences: int |
     Returns a ``uint8``-valued long tensor ``[N, seq_len + 1]``; a window never crosses documents,
     so each row belongs to exactly one document. Leftover bytes at a document's end are dropped.
     """
-    rows = []
+    rows, count = [], 0
     width = seq_len + 1
     for doc in documents:
         t = torch.frombuffer(bytearray(doc), dtype=torch.uint8).long()
         n = t.numel() // width
         if n:
             rows.append(t[: n * width].view(n, width))
-        if max_sequences is not None and sum(r.shape[0] for r in rows) >= max_sequences:
+            count += n
+        if max_sequences is not None and count >= max_sequences:
             break
     out = torch.cat(rows)
     return out[:max_sequences] if max_sequences is not None else out
