@@ -32,20 +32,10 @@ def _model():
 
         model, tokenizer = load_smollm2(progress=False)
         return model, tokenizer, MODEL_NAME, 20, True
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from reweighting.qprobe.tiny import tiny_llama
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)} | {"<eos>": len(alphabet)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=256, intermediate_size=768,
-                                   num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
-                                   bos_token_id=len(alphabet), eos_token_id=len(alphabet), pad_token_id=len(alphabet))
-    return transformers.LlamaForCausalLM(cfg).eval(), tokenizer, "random Llama (8 x 256)", 5, False
+    model, tokenizer = tiny_llama(hidden_size=256, intermediate_size=768, layers=8, heads=4, kv_heads=2)
+    return model, tokenizer, "random Llama (8 x 256)", 5, False
 
 
 def bench_features(quick: bool) -> dict:

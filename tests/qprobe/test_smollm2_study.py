@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from reweighting.qprobe.tiny import tiny_llama  # noqa: E402
 from reweighting.studies import StudyContext, get_study  # noqa: E402
 from reweighting.studies.qprobe_smollm2 import FULL, run_smollm2, sample_cached, split_questions  # noqa: E402
 
@@ -18,21 +19,8 @@ SMOKE = replace(FULL, layer=2, max_new_tokens=4, train_prompts=6, train_samples=
 
 def tiny_lm():
     """A byte-level tokenizer with a minimal chat template and a 3-block random Llama."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)} | {"<eos>": len(alphabet)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-    tokenizer.chat_template = "{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:"
-    eos = tokenizer.eos_token_id
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-                                   max_position_embeddings=128, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-    return transformers.LlamaForCausalLM(cfg).eval(), tokenizer
+    return tiny_llama(hidden_size=32, intermediate_size=64, layers=3, heads=2, kv_heads=1, max_positions=128,
+                      chat_template="{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:")
 
 
 def test_split_is_disjoint_and_complete():
