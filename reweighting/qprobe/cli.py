@@ -125,6 +125,14 @@ def _reward_tensor(table: dict) -> torch.Tensor:
     return torch.tensor(table["reward"], dtype=torch.float32)
 
 
+def _scored(args: argparse.Namespace) -> tuple[dict, torch.Tensor]:
+    """The samples table and the probe's scores ``[prompts, k]`` (``--probe``, ``--samples``, ``--features``)."""
+    from .probe import QProbe
+
+    table, features = read_samples(args.samples, args.features)
+    return table, _grid(table, QProbe.load(args.probe).score(features))
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     rows = _read_prompts(args.prompts)
     prompts = [r["prompt"] for r in rows]
@@ -167,11 +175,9 @@ def _cmd_select(args: argparse.Namespace) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .probe import QProbe
     from .select import select
 
-    table, features = read_samples(args.samples, args.features)
-    q = _grid(table, QProbe.load(args.probe).score(features))
+    table, q = _scored(args)
     rows = _grid(table, torch.arange(len(table["prompt_id"])))
     choice, weights = select(q, args.beta, torch.Generator().manual_seed(args.seed))
     picked = rows.gather(1, choice.unsqueeze(1)).squeeze(1).tolist()
@@ -190,10 +196,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_probe
-    from .probe import QProbe
 
-    table, features = read_samples(args.samples, args.features)
-    q = _grid(table, QProbe.load(args.probe).score(features))
+    table, q = _scored(args)
     r = _grid(table, _reward_tensor(table))
     ks = [k for k in args.k if k <= r.shape[1]]
     result = evaluate_probe(q, r, ks, args.beta)
@@ -206,6 +210,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _add_inputs(p: argparse.ArgumentParser, *, probe: bool) -> None:
+    if probe:
+        p.add_argument("--probe", required=True)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--features", required=True)
 
 
 def add_parser(subparsers) -> None:
@@ -233,8 +244,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("train", help="fit a probe on samples with rewards")
-    p.add_argument("--samples", required=True)
-    p.add_argument("--features", required=True)
+    _add_inputs(p, probe=False)
     p.add_argument("--out", required=True, help="probe file (safetensors)")
     p.add_argument("--objective", default="pg", choices=["mse", "bce", "pg", "preference"])
     p.add_argument("--hidden", type=int, nargs="*", default=[], help="MLP hidden widths (default: linear)")
@@ -248,18 +258,14 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("select", help="choose one completion per prompt with softmax(Q / beta)")
-    p.add_argument("--probe", required=True)
-    p.add_argument("--samples", required=True)
-    p.add_argument("--features", required=True)
+    _add_inputs(p, probe=True)
     p.add_argument("--out", required=True, help="selections (Parquet)")
     p.add_argument("--beta", type=float, default=0.1, help="selection temperature (0 = argmax)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_select)
 
     p = sub.add_parser("evaluate", help="expected return for each k and beta, with pass@1 and pass@k")
-    p.add_argument("--probe", required=True)
-    p.add_argument("--samples", required=True)
-    p.add_argument("--features", required=True)
+    _add_inputs(p, probe=True)
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--beta", type=float, nargs="+", default=[0.0, 0.1, 1.0])
     p.add_argument("--json", default=None, help="also write the table as JSON")
