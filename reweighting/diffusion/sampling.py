@@ -82,19 +82,17 @@ def sample_ode(
         raise ValueError(f"method must be 'heun' or 'euler', got {method!r}")
     times, x = _start(shape, schedule, steps, generator, device, x_T)
     batch = x.shape[0]
-    x0_hat = x
     for i in _progress(range(steps), show_progress, "sampling (ODE)"):
         t, t_next = times[i].expand(batch), times[i + 1].expand(batch)
         a, s = schedule.alpha_sigma(t)
         a_next, s_next = schedule.alpha_sigma(t_next)
         dlam = expand_like((s_next / a_next - s / a).to(x.dtype), x)
-        eps, x0_hat = predict_eps_x0(model, x, t, schedule, prediction)
-        y_next = x / expand_like(a.to(x.dtype), x) + dlam * eps
-        x_next = expand_like(a_next.to(x.dtype), x) * y_next
+        y, scale_next = x / expand_like(a.to(x.dtype), x), expand_like(a_next.to(x.dtype), x)
+        eps, _ = predict_eps_x0(model, x, t, schedule, prediction)
+        x_next = scale_next * (y + dlam * eps)
         if method == "heun":
             eps_next, _ = predict_eps_x0(model, x_next, t_next, schedule, prediction)
-            y_next = x / expand_like(a.to(x.dtype), x) + dlam * 0.5 * (eps + eps_next)
-            x_next = expand_like(a_next.to(x.dtype), x) * y_next
+            x_next = scale_next * (y + dlam * 0.5 * (eps + eps_next))
         x = x_next
     if denoise:
         _, x0_hat = predict_eps_x0(model, x, times[-1].expand(batch), schedule, prediction)
