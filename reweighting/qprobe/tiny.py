@@ -3,17 +3,12 @@ causal LM but not a trained one (nothing is downloaded)."""
 
 from __future__ import annotations
 
-__all__ = ["tiny_llama"]
+__all__ = ["byte_tokenizer", "tiny_llama"]
 
 
-def tiny_llama(*, hidden_size: int = 32, intermediate_size: int = 64, layers: int = 3, heads: int = 2,
-               kv_heads: int = 1, max_positions: int = 2048, chat_template: str | None = None, seed: int = 0):
-    """``(model, tokenizer)``: a random ``LlamaForCausalLM`` (weights from ``torch.manual_seed(seed)``,
-    eval mode) over the 256 byte-level symbols plus ``<eos>`` (also bos and pad).
-
-    ``chat_template`` (a Jinja string) is set on the tokenizer when given.
-    """
-    import torch
+def byte_tokenizer(chat_template: str | None = None):
+    """A byte-level tokenizer built in memory (one token per byte, no merges), plus ``<eos>``;
+    ``chat_template`` (a Jinja string) is set when given."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -25,6 +20,17 @@ def tiny_llama(*, hidden_size: int = 32, intermediate_size: int = 64, layers: in
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
     if chat_template is not None:
         tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def tiny_llama(*, hidden_size: int = 32, intermediate_size: int = 64, layers: int = 3, heads: int = 2,
+               kv_heads: int = 1, max_positions: int = 2048, chat_template: str | None = None, seed: int = 0):
+    """``(model, tokenizer)``: a random ``LlamaForCausalLM`` (weights from ``torch.manual_seed(seed)``,
+    eval mode) over :func:`byte_tokenizer` (``<eos>`` is also bos and pad)."""
+    import torch
+    import transformers
+
+    tokenizer = byte_tokenizer(chat_template)
     eos = tokenizer.eos_token_id
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,

@@ -5,19 +5,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from reweighting.qprobe.features import completion_lengths, sample_with_features  # noqa: E402
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer built in memory (one token per byte, no merges), plus <eos>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+from reweighting.qprobe.tiny import byte_tokenizer  # noqa: E402
 
 
 def tiny_model(kind: str, vocab: int, eos_ids: list[int]):
