@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_batch, describe_indices
+from ..checks import check_batch, check_same_length, describe_indices
 
 __all__ = [
     "COLUMN_SUM_TOLERANCE",
@@ -127,8 +127,7 @@ def _check_posteriors(probs: torch.Tensor, noisy_labels: torch.Tensor | None) ->
                          f"samples {describe_indices(bad)} are not")
     if noisy_labels is not None:
         check_batch(noisy_labels, "noisy_labels")
-        if noisy_labels.shape[0] != p.shape[0]:
-            raise ValueError(f"noisy_labels has {noisy_labels.shape[0]} samples but probs has {p.shape[0]}")
+        check_same_length(noisy_labels, "noisy_labels", p, "probs")
         _check_labels(noisy_labels, p.shape[1], "noisy_labels")
     return p
 

@@ -104,6 +104,8 @@ def test_estimator_input_errors_name_the_samples():
     labels[7] = C
     with pytest.raises(ValueError, match="noisy_labels outside .* \\[7\\]"):
         estimate_transition(probs, labels)
+    with pytest.raises(ValueError, match="noisy_labels has .* samples but probs has"):
+        estimate_transition(probs, noisy[:-1])
     with pytest.raises(ValueError, match="no sample has noisy label 3"):
         estimate_transition(probs, torch.zeros_like(noisy) + (noisy % 3))
     with pytest.raises(ValueError, match="method"):
