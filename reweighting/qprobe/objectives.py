@@ -6,7 +6,9 @@
   the same prompt                                             (:func:`pg_loss`)
 - ``L_QP = - mean log sigmoid(Q(a_w) - Q(a_l))``              (:func:`preference_loss`)
 
-All take the probe's outputs ``Q`` (with their graph) and return a scalar.
+All take the probe's outputs ``Q`` (with their graph) and return a scalar. Their input checks read
+values on the host and are skipped under ``reweighting.checks.checks(False)``, as :func:`fit_probe` runs
+its steps after validating the whole training set once.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_finite, check_temperature, describe_indices
+from ..checks import check_finite, check_temperature, checks_enabled, describe_indices
 
 __all__ = ["mse_loss", "bce_loss", "pg_loss", "preference_loss", "OBJECTIVES"]
 
@@ -42,7 +44,7 @@ def bce_loss(q: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
     _check_pair(q, rewards)
     r = rewards.to(q.device).float()
     outside = (r < 0) | (r > 1)
-    if bool(outside.any()):
+    if checks_enabled() and bool(outside.any()):
         raise ValueError(f"bce_loss needs rewards in [0, 1]; out of range at sample indices "
                          f"{describe_indices(outside.reshape(-1))}")
     return F.binary_cross_entropy_with_logits(q.float(), r)
@@ -75,7 +77,7 @@ def pg_loss(
         raise ValueError(f"mask must have the shape of q {tuple(q.shape)}, got {tuple(mask.shape)}")
     mask = mask.to(device=q.device, dtype=torch.bool)
     empty = ~mask.any(dim=1)
-    if bool(empty.any()):
+    if checks_enabled() and bool(empty.any()):
         raise ValueError(f"pg_loss: groups with no sample at group indices {describe_indices(empty)}")
     logits = torch.where(mask, q.float() / float(temperature), torch.full_like(q, -math.inf, dtype=torch.float32))
     probs = torch.softmax(logits, dim=1)
