@@ -4,7 +4,7 @@ The weight core is re-exported here flat; each method lives in its own module or
 """
 
 from .checks import checks, checks_enabled, set_checks
-from .reduce import accumulate_weighted, sequence_loss, weighted_loss
+from .reduce import accumulate_weighted, restore_rng_state, score_window, sequence_loss, weighted_loss
 from .resample import dirichlet_weights, multinomial_resample, resample_counts, systematic_resample
 from .weights import (
     NORMALIZATIONS,
@@ -57,6 +57,8 @@ __all__ = [
     "quantile_normalize",
     "rank_normalize",
     "resample_counts",
+    "restore_rng_state",
+    "score_window",
     "sequence_loss",
     "set_checks",
     "systematic_resample",

@@ -17,7 +17,7 @@ import torch
 from . import distributed as D
 from .checks import check_batch, check_same_length, checks_enabled, describe_indices
 
-__all__ = ["sequence_loss", "weighted_loss", "accumulate_weighted"]
+__all__ = ["sequence_loss", "weighted_loss", "score_window", "restore_rng_state", "accumulate_weighted"]
 
 
 def sequence_loss(token_loss: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,16 +64,40 @@ def weighted_loss(per_sample_loss: torch.Tensor, weights: torch.Tensor, *, group
     return (w * per_sample_loss.float()).sum() * D.world_size(group)
 
 
-def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+RngState = tuple[torch.Tensor, list[torch.Tensor] | None]
+
+
+def _rng_state() -> RngState:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+def restore_rng_state(state: RngState) -> None:
+    """Put the CPU (and CUDA) random state back to one saved by :func:`score_window`."""
     cpu, cuda = state
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
+
+
+def score_window(
+    micro_batches: Sequence[Any], per_sample_loss_fn: Callable[[Any], torch.Tensor]
+) -> tuple[list[torch.Tensor], list[RngState]]:
+    """Per-sample losses of every micro-batch under ``torch.no_grad``, and the RNG state before each.
+
+    Step 1 of :func:`accumulate_weighted`, for loops that run the training passes themselves (a
+    Trainer): restoring ``states[k]`` with :func:`restore_rng_state` before micro-batch ``k``'s
+    training forward replays its dropout masks, so the losses there equal the scored ones.
+    Returns detached float32 losses, one tensor per micro-batch.
+    """
+    if len(micro_batches) == 0:
+        raise ValueError("micro_batches is empty: a window needs at least one micro-batch")
+    states, losses = [], []
+    with torch.no_grad():
+        for mb in micro_batches:
+            states.append(_rng_state())
+            losses.append(per_sample_loss_fn(mb).detach().float())
+    return losses, states
 
 
 def accumulate_weighted(
@@ -86,8 +110,9 @@ def accumulate_weighted(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward pass of a gradient-accumulation window with weights normalised over the **whole** window.
 
-    1. Score: ``per_sample_loss_fn(mb)`` for every micro-batch under ``torch.no_grad`` (the RNG
-       state before each is saved, so dropout masks are replayed identically in step 3).
+    1. Score (:func:`score_window`): ``per_sample_loss_fn(mb)`` for every micro-batch under
+       ``torch.no_grad`` (the RNG state before each is saved, so dropout masks are replayed
+       identically in step 3).
     2. Weigh: ``weights = weight_fn(cat(losses))``; ``weight_fn`` normalises over ranks itself
        (every function of the weight core does), so the weights are global over ranks *and* window.
     3. Train: for each micro-batch, replay the RNG state, recompute the losses with a graph and
@@ -100,20 +125,14 @@ def accumulate_weighted(
 
     Returns ``(weights, losses)`` for the window (detached, this rank's samples in order).
     """
-    if len(micro_batches) == 0:
-        raise ValueError("micro_batches is empty: a window needs at least one micro-batch")
-    states, losses = [], []
-    with torch.no_grad():
-        for mb in micro_batches:
-            states.append(_rng_state())
-            losses.append(per_sample_loss_fn(mb).detach().float())
+    losses, states = score_window(micro_batches, per_sample_loss_fn)
     all_losses = torch.cat(losses)
     weights = weight_fn(all_losses)
     check_same_length(all_losses, "window losses", weights, "weight_fn output")
     pieces = weights.split([loss.shape[0] for loss in losses])
     last = len(micro_batches) - 1
     for k, (mb, state, w) in enumerate(zip(micro_batches, states, pieces)):
-        _set_rng_state(state)
+        restore_rng_state(state)
         context = no_sync() if (no_sync is not None and k < last) else nullcontext()
         with context:
             weighted_loss(per_sample_loss_fn(mb), w, group=group).backward()

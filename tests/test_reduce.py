@@ -83,3 +83,20 @@ def test_accumulate_weighted_equals_one_big_batch_even_with_dropout():
 def test_accumulate_weighted_rejects_empty_window():
     with pytest.raises(ValueError, match="micro_batches is empty"):
         rw.accumulate_weighted([], lambda b: b, lambda v: v)
+
+
+def test_score_window_states_replay_dropout_for_a_training_pass():
+    model, x, y = _model_and_window()
+    micro = [(x[:4], y[:4]), (x[4:], y[4:])]
+
+    def per_sample_loss(batch):
+        xb, yb = batch
+        return ((model(xb) - yb) ** 2).squeeze(1)
+
+    losses, states = rw.score_window(micro, per_sample_loss)
+    assert [loss.requires_grad for loss in losses] == [False, False]
+    for mb, scored, state in zip(micro, losses, states):
+        rw.restore_rng_state(state)
+        torch.testing.assert_close(per_sample_loss(mb).detach(), scored)
+    # without the replay, dropout draws different masks
+    assert not torch.allclose(per_sample_loss(micro[0]).detach(), losses[0])

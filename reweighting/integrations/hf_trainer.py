@@ -56,7 +56,7 @@ from transformers import Trainer, TrainerCallback
 
 from .. import distributed as D
 from ..checks import check_nonnegative_weights, checks_enabled, describe_indices
-from ..reduce import _rng_state, _set_rng_state, sequence_loss, weighted_loss
+from ..reduce import restore_rng_state, score_window, sequence_loss, weighted_loss
 from ..weights import WeightStats, weight_stats
 
 __all__ = [
@@ -291,11 +291,8 @@ class ReweightingMixin:
         if self.reweighter is not None:
             model = self.model_wrapped
             model.train()
-            losses = []
-            with torch.no_grad(), self.compute_loss_context_manager():
-                for k, batch in enumerate(batches):
-                    states[k] = _rng_state()
-                    losses.append(self._forward_losses(model, batch)[0].detach())
+            with self.compute_loss_context_manager():
+                losses, states = score_window(batches, lambda b: self._forward_losses(model, b)[0])
             # The Trainer's training forward of micro-batch k starts from states[k], as in accumulate_weighted.
             window_losses = torch.cat(losses)
         else:
@@ -322,7 +319,7 @@ class ReweightingMixin:
                                         num_items_in_batch=num_items_in_batch)
         window = self._window.popleft() if self._window else None
         if window is not None and window[1] is not None:
-            _set_rng_state(window[1])
+            restore_rng_state(window[1])
         losses, outputs = self._forward_losses(model, inputs)
         w = window[0] if window is not None else self._weights(losses, inputs.get(self.weight_column))
         loss = weighted_loss(losses, w)
