@@ -2,8 +2,22 @@
 
 :func:`sample_and_embed` works with any two plain callables: ``sample(prompt, n) -> list[str]``
 and ``embed(texts) -> [len(texts), D]``. :class:`OpenAICompatible` provides both for endpoints
-that speak the OpenAI HTTP API (``/chat/completions`` with ``n``, ``/embeddings``), using only the
-standard library.
+that speak the OpenAI HTTP API (``/chat/completions``, ``/embeddings``), using only the standard
+library. Real servers differ from the OpenAI API in two ways that the client handles:
+
+- Some ignore ``n`` and return one completion per request (llama.cpp's server, Ollama). The client
+  asks again for the completions still missing, each request with the next ``seed`` (``seed``,
+  ``seed + 1``, ...), until it has ``n``.
+- Some ``/embeddings`` endpoints return one vector per token (``[n_tokens, D]`` for each text, as
+  llama.cpp does for a model without a pooling layer) instead of one per text. ``pooling`` says what
+  to do: ``"last"`` (the default) keeps the last token's vector, the state after reading the whole
+  text, which is what :func:`~reweighting.qprobe.sample_with_features` reads from a local model;
+  ``"mean"`` averages the tokens; ``"error"`` refuses token-level embeddings.
+
+Credentials never leave the origin of ``base_url``: a redirect to another scheme, host or port is
+refused with :class:`RedirectError` before anything is sent there. Redirects within the origin are
+followed only when they keep the method and body (HTTP 307 and 308); a 301, 302 or 303, which
+would turn the ``POST`` into a ``GET`` without its body, is refused too.
 """
 
 from __future__ import annotations
@@ -11,14 +25,17 @@ from __future__ import annotations
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 
 import torch
 
-from .features import Samples
+from .features import Samples, check_prompts
 
-__all__ = ["sample_and_embed", "OpenAICompatible"]
+__all__ = ["sample_and_embed", "OpenAICompatible", "RedirectError", "POOLINGS"]
+
+POOLINGS = ("last", "mean", "error")
 
 
 def _join(prompt: str, completion: str) -> str:
@@ -40,10 +57,9 @@ def sample_and_embed(
     prompt, a blank line and the completion). Returns :class:`~reweighting.qprobe.features.Samples`
     with features ``[P, k, D]``.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k!r}")
-    if not prompts:
-        raise ValueError("prompts is empty")
+    check_prompts(prompts)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
     from tqdm.auto import tqdm
 
     completions, features = [], []
@@ -51,9 +67,16 @@ def sample_and_embed(
         drawn = list(sample(prompt, k))
         if len(drawn) != k:
             raise ValueError(f"sample returned {len(drawn)} completions for prompt {p}, expected k = {k}")
+        if not all(isinstance(c, str) for c in drawn):
+            raise TypeError(f"sample must return strings; for prompt {p} it returned "
+                            f"{sorted({type(c).__name__ for c in drawn})}")
         vectors = torch.as_tensor(embed([join(prompt, c) for c in drawn]), dtype=torch.float32)
         if vectors.dim() != 2 or vectors.shape[0] != k:
             raise ValueError(f"embed returned shape {tuple(vectors.shape)} for prompt {p}, expected [{k}, dim]")
+        bad = ~torch.isfinite(vectors).all(dim=1)
+        if bool(bad.any()):
+            raise ValueError(f"embed returned NaN or infinite values for prompt {p} at completion indices "
+                             f"{bad.nonzero().reshape(-1).tolist()}")
         completions.append(drawn)
         features.append(vectors)
     dims = {f.shape[1] for f in features}
@@ -63,16 +86,67 @@ def sample_and_embed(
                    finish=[["api"] * k for _ in prompts])
 
 
+class RedirectError(RuntimeError):
+    """The server answered with a redirect that the client will not follow (see the module docstring)."""
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to the same origin, and only when it keeps the method and body (307, 308)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = urllib.parse.urljoin(req.full_url, newurl)
+        fp.read()
+        fp.close()
+        if _origin(target) != _origin(req.full_url):
+            raise RedirectError(
+                f"{req.full_url} redirected (HTTP {code}) to {target}, another origin: refused, so that the "
+                "API key is not sent there; set base_url to the address that serves the API")
+        if code not in (307, 308):
+            raise RedirectError(
+                f"{req.full_url} redirected (HTTP {code}) to {target}; following it would turn the POST into "
+                "a GET without its body: refused; set base_url to the address that serves the API")
+        new = urllib.request.Request(target, data=req.data, method=req.get_method(), headers=dict(req.headers))
+        for name, value in req.unredirected_hdrs.items():  # the same origin: the key may go along
+            new.add_unredirected_header(name, value)
+        return new
+
+
 class OpenAICompatible:
     """Sampler and embedder for an OpenAI-compatible HTTP endpoint.
 
     ``base_url`` is the API root (e.g. ``http://localhost:8000/v1``); ``model`` the chat model and
     ``embedding_model`` the embedding model. The key is ``api_key`` or the ``OPENAI_API_KEY``
-    environment variable (none for a local server).
+    environment variable (none for a local server). ``seed`` goes with the first request for a
+    prompt and ``seed + j`` with its ``j``-th repeat when the server returns fewer than ``n``
+    completions (``None``: no seed is sent). ``pooling`` (one of :data:`POOLINGS`) is the rule for
+    token-level embeddings; see the module docstring.
     """
 
     def __init__(self, base_url: str, model: str, embedding_model: str | None = None, *, api_key: str | None = None,
-                 temperature: float = 1.0, max_tokens: int = 256, timeout: float = 60.0):
+                 temperature: float = 1.0, max_tokens: int = 256, timeout: float = 60.0, seed: int | None = 0,
+                 pooling: str = "last"):
+        if not isinstance(base_url, str) or urllib.parse.urlsplit(base_url).scheme.lower() not in ("http", "https") \
+                or not urllib.parse.urlsplit(base_url).hostname:
+            raise ValueError(f"base_url must be an http:// or https:// URL with a host, got {base_url!r}")
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model must be a non-empty string, got {model!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if not float(temperature) >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        if not float(timeout) > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.embedding_model = embedding_model or model
@@ -80,31 +154,83 @@ class OpenAICompatible:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.timeout = timeout
+        self.seed = seed
+        self.pooling = pooling
+        self._opener = urllib.request.build_opener(_SameOriginRedirects())
 
     def _post(self, path: str, payload: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
+        url = f"{self.base_url}{path}"
+        request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
         if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(f"{self.base_url}{path}", data=json.dumps(payload).encode(),
-                                         headers=headers, method="POST")
+            # Unredirected: urllib itself never copies it to a redirect target (ours re-adds it only
+            # within the origin).
+            request.add_unredirected_header("Authorization", f"Bearer {self.api_key}")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
+            with self._opener.open(request, timeout=self.timeout) as response:
+                raw = response.read()
         except urllib.error.HTTPError as err:
             body = err.read()[:500].decode(errors="replace")
-            raise RuntimeError(f"{self.base_url}{path} answered HTTP {err.code}: {body}") from err
+            raise RuntimeError(f"{url} answered HTTP {err.code}: {body}") from err
+        except urllib.error.URLError as err:
+            raise RuntimeError(f"could not reach {url}: {err.reason}") from err
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise RuntimeError(f"{url} did not answer JSON: {raw[:200]!r}") from err
 
     def sample(self, prompt: str, n: int) -> list[str]:
-        """``n`` chat completions of ``prompt`` in one request (the ``n`` parameter)."""
-        reply = self._post("/chat/completions", {
-            "model": self.model, "messages": [{"role": "user", "content": prompt}], "n": int(n),
-            "temperature": self.temperature, "max_tokens": self.max_tokens,
-        })
-        choices = sorted(reply["choices"], key=lambda c: c.get("index", 0))
-        return [c["message"]["content"] or "" for c in choices]
+        """``n`` chat completions of ``prompt``: one request with ``n``, repeated for the completions
+        still missing when the server returns fewer (each repeat with the next seed)."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        drawn: list[str] = []
+        for attempt in range(n):  # at most n requests: each must return at least one completion
+            payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "n": n - len(drawn),
+                       "temperature": self.temperature, "max_tokens": self.max_tokens}
+            if self.seed is not None:
+                payload["seed"] = self.seed + attempt
+            reply = self._post("/chat/completions", payload)
+            choices = reply.get("choices") if isinstance(reply, dict) else None
+            if not isinstance(choices, list) or not choices:
+                raise RuntimeError(f"{self.base_url}/chat/completions answered without completions: "
+                                   f"{json.dumps(reply)[:200]}")
+            if len(choices) > n - len(drawn):
+                raise RuntimeError(f"{self.base_url}/chat/completions returned {len(choices)} completions when "
+                                   f"{n - len(drawn)} were asked for")
+            choices = sorted(choices, key=lambda c: c.get("index", 0))
+            drawn += [c["message"]["content"] or "" for c in choices]
+            if len(drawn) == n:
+                break
+        return drawn
 
     def embed(self, texts: list[str]) -> torch.Tensor:
-        """Embeddings ``[len(texts), D]`` from ``/embeddings``."""
+        """Embeddings ``[len(texts), D]`` from ``/embeddings``; token-level ones pooled by ``pooling``."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a list of strings, not a single string" if isinstance(texts, str)
+                            else "texts must be a list of strings")
         reply = self._post("/embeddings", {"model": self.embedding_model, "input": list(texts)})
-        data = sorted(reply["data"], key=lambda d: d.get("index", 0))
-        return torch.tensor([d["embedding"] for d in data], dtype=torch.float32)
+        data = reply.get("data") if isinstance(reply, dict) else None
+        if not isinstance(data, list) or len(data) != len(texts):
+            raise RuntimeError(f"{self.base_url}/embeddings returned {len(data) if isinstance(data, list) else 'no'} "
+                               f"embeddings for {len(texts)} texts")
+        vectors = []
+        for i, item in enumerate(sorted(data, key=lambda d: d.get("index", 0))):
+            v = torch.tensor(item["embedding"], dtype=torch.float32)
+            if v.dim() == 2:  # one vector per token
+                if self.pooling == "error":
+                    raise RuntimeError(f"{self.base_url}/embeddings returned one vector per token "
+                                       f"({tuple(v.shape)}) for text {i}; choose pooling='last' or 'mean'")
+                if v.shape[0] == 0:
+                    raise RuntimeError(f"{self.base_url}/embeddings returned no token vectors for text {i}")
+                v = v[-1] if self.pooling == "last" else v.mean(dim=0)
+            elif v.dim() != 1:
+                raise RuntimeError(f"{self.base_url}/embeddings returned an embedding of shape {tuple(v.shape)} "
+                                   f"for text {i}")
+            vectors.append(v)
+        if len({v.shape[0] for v in vectors}) > 1:
+            raise RuntimeError(f"{self.base_url}/embeddings returned vectors of different sizes "
+                               f"{sorted({v.shape[0] for v in vectors})}")
+        return torch.stack(vectors) if vectors else torch.zeros(0, 0)

@@ -16,7 +16,36 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Samples", "sample_with_features", "completion_lengths"]
+__all__ = ["Samples", "sample_with_features", "completion_lengths", "check_prompts", "check_layer"]
+
+
+def check_prompts(prompts: Sequence[str], name: str = "prompts") -> None:
+    """A non-empty list of strings (one string is refused: it would be read as one prompt per character)."""
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError(f"{name} must be a list of strings, got a single {type(prompts).__name__}: "
+                        f"wrap it as [{name}]")
+    if not isinstance(prompts, Sequence):
+        raise TypeError(f"{name} must be a list of strings, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError(f"{name} is empty")
+    wrong = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if wrong:
+        raise TypeError(f"{name} must hold strings; not a string at indices {wrong[:10]}")
+
+
+def check_layer(model, layer: int) -> int:
+    """``layer`` as an index into ``output_hidden_states`` (``num_hidden_layers + 1`` entries: the
+    embeddings, then each block), checked against the model's depth; returns it unchanged."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an integer, got {type(layer).__name__}")
+    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if depth is None:
+        return layer
+    states = int(depth) + 1
+    if not -states <= layer < states:
+        raise ValueError(f"layer must be in [{-states}, {states - 1}] for this model ({depth} layers: 0 is the "
+                         f"embeddings, {depth} the last block), got {layer}")
+    return layer
 
 
 @dataclass
@@ -107,11 +136,18 @@ def sample_with_features(
     chat template. ``batch_size`` prompts (``batch_size * k`` sequences) go to one ``generate`` call.
     ``seed`` seeds torch's global generator, which ``generate`` samples from.
     """
-    if k < 1 or batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"k, batch_size and max_new_tokens must be >= 1, got {k!r}, {batch_size!r}, "
-                         f"{max_new_tokens!r}")
-    if not prompts:
-        raise ValueError("prompts is empty")
+    check_prompts(prompts)
+    for name, value in (("k", k), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature!r}")
+    if not 0 < float(top_p) <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(stop_strings, str):
+        raise TypeError(f"stop_strings must be a list of strings, got the single string {stop_strings!r}: "
+                        "wrap it in a list")
+    check_layer(model, layer)
     if seed is not None:
         torch.manual_seed(seed)
     from tqdm.auto import tqdm

@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from reweighting.qprobe.api import OpenAICompatible, sample_and_embed
+from reweighting.qprobe.api import OpenAICompatible, RedirectError, sample_and_embed
 
 
 def _vector(text: str) -> list[float]:
@@ -16,23 +16,15 @@ def _vector(text: str) -> list[float]:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    """OpenAI-like endpoints. Server flags reproduce real servers: ``ignore_n`` answers one completion
+    per request, "<prompt> answer <seed>" (llama.cpp's server, Ollama); ``token_embeddings`` returns
+    ``[n_tokens, 8]`` per text (llama.cpp without pooling); ``redirects`` maps a path to
+    ``(status, location)``."""
+
     def log_message(self, *args):  # keep test output quiet
         pass
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append((self.path, self.headers.get("Authorization"), body))
-        if self.path == "/v1/chat/completions":
-            prompt = body["messages"][-1]["content"]
-            # Choices deliberately out of order: the client must sort them by index.
-            choices = [{"index": i, "message": {"role": "assistant", "content": f"{prompt} answer {i}"}}
-                       for i in reversed(range(body["n"]))]
-            reply = {"choices": choices}
-        elif self.path == "/v1/embeddings":
-            reply = {"data": [{"index": i, "embedding": _vector(t)} for i, t in enumerate(body["input"])]}
-        else:
-            self.send_error(404, "no such endpoint")
-            return
+    def _answer(self, reply: dict) -> None:
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -40,12 +32,53 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def do_GET(self):
+        self.server.requests.append((self.path, self.headers.get("Authorization"), None, "GET"))
+        self.send_error(405, "only POST")
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append((self.path, self.headers.get("Authorization"), body, "POST"))
+        if self.path in self.server.redirects:
+            code, location = self.server.redirects[self.path]
+            self.send_response(code)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if self.path == "/v1/chat/completions":
+            prompt = body["messages"][-1]["content"]
+            if self.server.ignore_n:
+                choices = [{"index": 0, "message": {"role": "assistant",
+                                                    "content": f"{prompt} answer {body.get('seed', 0)}"}}]
+            else:
+                # Choices deliberately out of order: the client must sort them by index.
+                choices = [{"index": i, "message": {"role": "assistant", "content": f"{prompt} answer {i}"}}
+                           for i in reversed(range(body["n"]))]
+            self._answer({"choices": choices})
+        elif self.path == "/v1/embeddings":
+            if self.server.token_embeddings:
+                data = [{"index": i, "embedding": _token_vectors(t)} for i, t in enumerate(body["input"])]
+            else:
+                data = [{"index": i, "embedding": _vector(t)} for i, t in enumerate(body["input"])]
+            self._answer({"data": data})
+        else:
+            self.send_error(404, "no such endpoint")
+
+
+def _token_vectors(text: str) -> list[list[float]]:
+    """One vector per whitespace-separated word (a stand-in for tokens)."""
+    return [_vector(" ".join(text.split()[: i + 1])) for i in range(len(text.split()))]
+
 
 @contextlib.contextmanager
-def loopback_server(lifetime: float = 60.0):
+def loopback_server(lifetime: float = 60.0, *, ignore_n: bool = False, token_embeddings: bool = False):
     """An OpenAI-like server on 127.0.0.1 (only), stopped on exit or after ``lifetime`` seconds."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.requests = []
+    server.ignore_n = ignore_n
+    server.token_embeddings = token_embeddings
+    server.redirects = {}
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     watchdog = threading.Timer(lifetime, server.shutdown)
@@ -70,9 +103,9 @@ def test_openai_compatible_over_http():
         assert samples.features.shape == (2, 3, 8)
         expected = torch.tensor(_vector("three\n\nthree answer 2"))
         torch.testing.assert_close(samples.features[1, 2], expected)
-        paths = [p for p, _, _ in server.requests]
+        paths = [p for p, _, _, _ in server.requests]
         assert paths == ["/v1/chat/completions", "/v1/embeddings"] * 2
-        assert all(auth == "Bearer sk-test" for _, auth, _ in server.requests)
+        assert all(auth == "Bearer sk-test" for _, auth, _, _ in server.requests)
         assert server.requests[0][2]["n"] == 3 and server.requests[1][2]["model"] == "embed-model"
         with pytest.raises(RuntimeError, match="HTTP 404"):
             client._post("/missing", {})
@@ -89,3 +122,73 @@ def test_sample_and_embed_with_plain_callables_checks_shapes():
     assert samples.features.tolist() == [[[6.0, 1.0], [8.0, 1.0]]]
     with pytest.raises(ValueError, match="expected k = 3"):
         sample_and_embed(["ab"], lambda p, n: ["x"], embed, k=3, progress=False)
+
+
+def _client(server, path="/v1", **kwargs):
+    return OpenAICompatible(f"http://127.0.0.1:{server.server_address[1]}{path}", "m", api_key="sk-secret", **kwargs)
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_cross_origin_redirects_are_refused_and_the_key_stays_home(code):
+    with loopback_server() as home, loopback_server() as elsewhere:
+        target = f"http://127.0.0.1:{elsewhere.server_address[1]}/v1/chat/completions"
+        home.redirects["/r/chat/completions"] = (code, target)
+        with pytest.raises(RedirectError, match=f"HTTP {code}.*another origin"):
+            _client(home, "/r").sample("hi", 2)
+        assert elsewhere.requests == []  # nothing at all reached the other origin, let alone the key
+        # "localhost" is another origin than "127.0.0.1", even on the same port
+        port = home.server_address[1]
+        home.redirects["/r/embeddings"] = (code, f"http://localhost:{port}/v1/embeddings")
+        with pytest.raises(RedirectError, match="another origin"):
+            _client(home, "/r").embed(["x"])
+        assert [p for p, _, _, _ in home.requests] == ["/r/chat/completions", "/r/embeddings"]
+
+
+def test_same_origin_redirects_keep_post_only_with_307_and_308():
+    with loopback_server() as server:
+        port = server.server_address[1]
+        server.redirects["/old/chat/completions"] = (307, "/v1/chat/completions")  # relative Location
+        server.redirects["/old/embeddings"] = (308, f"http://127.0.0.1:{port}/v1/embeddings")
+        client = _client(server, "/old")
+        assert client.sample("q", 2) == ["q answer 0", "q answer 1"]
+        assert client.embed(["a"]).shape == (1, 8)
+        followed = [(p, auth, method) for p, auth, _, method in server.requests]
+        assert followed == [("/old/chat/completions", "Bearer sk-secret", "POST"),
+                            ("/v1/chat/completions", "Bearer sk-secret", "POST"),
+                            ("/old/embeddings", "Bearer sk-secret", "POST"),
+                            ("/v1/embeddings", "Bearer sk-secret", "POST")]
+        assert server.requests[1][2]["messages"][0]["content"] == "q"  # the body went along
+        for code in (301, 302, 303):
+            server.requests.clear()
+            server.redirects["/moved/chat/completions"] = (code, "/v1/chat/completions")
+            with pytest.raises(RedirectError, match=f"HTTP {code}.*POST into a GET"):
+                _client(server, "/moved").sample("q", 1)
+            assert [p for p, _, _, _ in server.requests] == ["/moved/chat/completions"]
+
+
+def test_server_that_ignores_n_is_asked_again_with_distinct_seeds():
+    with loopback_server(ignore_n=True) as server:
+        client = _client(server, seed=10)
+        assert client.sample("p", 3) == ["p answer 10", "p answer 11", "p answer 12"]
+        sent = [body for _, _, body, _ in server.requests]
+        assert [b["seed"] for b in sent] == [10, 11, 12] and [b["n"] for b in sent] == [3, 2, 1]
+        samples = sample_and_embed(["a", "b"], _client(server).sample, _client(server).embed, k=4, progress=False)
+        assert samples.completions[1] == [f"b answer {i}" for i in range(4)]
+        server.requests.clear()
+        assert _client(server, seed=None).sample("p", 2) == ["p answer 0", "p answer 0"]
+        assert all("seed" not in body for _, _, body, _ in server.requests)
+
+
+def test_token_level_embeddings_are_pooled_by_the_chosen_rule():
+    texts = ["one two three", "four five"]
+    with loopback_server(token_embeddings=True) as server:
+        last = _client(server).embed(texts)  # the default
+        mean = _client(server, pooling="mean").embed(texts)
+        tokens = [torch.tensor(_token_vectors(t)) for t in texts]
+        torch.testing.assert_close(last, torch.stack([t[-1] for t in tokens]))
+        torch.testing.assert_close(mean, torch.stack([t.mean(0) for t in tokens]))
+        torch.testing.assert_close(last[0], torch.tensor(_vector("one two three")))
+        with pytest.raises(RuntimeError, match="one vector per token.*pooling"):
+            _client(server, pooling="error").embed(texts)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        OpenAICompatible("http://127.0.0.1:1/v1", "m", pooling="max")
