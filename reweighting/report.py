@@ -60,12 +60,36 @@ def plot_methods(results: dict[str, Any], path: str | Path) -> str:
     ax.set_xticklabels(names, rotation=30, ha="right")
     arrow = "lower is better" if results["lower_is_better"] else "higher is better"
     ax.set_ylabel(f"{results['metric']} ({arrow})")
-    ax.set_title(f"{results['study']}: claim {'holds' if results['holds'] else 'does NOT hold'}")
+    ax.set_title(f"{results['study']}: claim {_verdict(results)}")
     return save_figure(fig, path)
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.4g}"
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def _verdict(r: dict[str, Any]) -> str:
+    """The study's verdict; results written before verdicts existed carry only ``holds``."""
+    return r.get("verdict") or ("holds" if r["holds"] else "does not hold")
+
+
+def _baseline_cell(r: dict[str, Any]) -> str:
+    b = r.get("baseline")
+    if not b:
+        return "not checked"
+    sign = ">=" if b["higher_is_better"] else "<="
+    return f"{'healthy' if b['healthy'] else 'UNHEALTHY'} ({_fmt(b['value'])}, bar {sign} {_fmt(b['bar'])})"
+
+
+def _parts_table(r: dict[str, Any]) -> list[str]:
+    """One row per part of the claim: its verdict, margin (positive supports the claim) and noise."""
+    if not r.get("parts"):
+        return []
+    lines = ["| part of the claim | verdict | margin | noise (95% paired) | seeds |", "|---|---|---|---|---|"]
+    for p in r["parts"]:
+        noise = _fmt(p["noise"]) if p["noise"] is not None else "n/a (1 seed)"
+        lines.append(f"| {p['name']} | {p['verdict']} | {p['margin']:+.4g} | {noise} | {p['n']} |")
+    return [*lines, ""]
 
 
 def _study_section(r: dict[str, Any]) -> str:
@@ -75,10 +99,15 @@ def _study_section(r: dict[str, Any]) -> str:
         "",
         f"**Claim:** {r['claim']}",
         "",
-        f"**Holds in this run:** {'yes' if r['holds'] else 'NO'}"
+        f"**Verdict in this run:** {_verdict(r)}"
         f" ({'quick' if r['quick'] else 'full'} run, {r['config'].get('seeds', '?')} seed(s),"
-        f" {r['seconds']:.0f} s on {r['config'].get('device', '?')})",
+        f" {r['seconds']:.0f} s wall, {r.get('cpu_seconds', float('nan')):.0f} s CPU on"
+        f" {r['config'].get('device', '?')})",
         "",
+        f"**Baseline:** {_baseline_cell(r)}" + (f": {r['baseline']['measure']}" if r.get("baseline") else ""),
+        "",
+        *_parts_table(r),
+        *([f"**Left out:** {'; '.join(r['left_out'])}", ""] if r.get("left_out") else []),
         f"| method | {r['metric']} ({arrow}) | std | n |",
         "|---|---|---|---|",
     ]
@@ -105,13 +134,26 @@ def build_report(out_dir: str | Path, *, plots: bool = True) -> Path:
     if not results:
         lines.append(f"No study results found under `{out}`: run `reweighting reproduce` first.")
     else:
-        lines += ["| study | claim holds | mode | seeds | seconds |", "|---|---|---|---|---|"]
+        lines += ["Verdicts: *holds* when every part's margin exceeds its noise (the half-width of the paired 95% "
+                  "t-interval over seeds); *does not hold* when some part's margin is below minus its noise; "
+                  "*inconclusive* when a part is within its noise or the base model failed its health check.", "",
+                  "| study | verdict | baseline | mode | seeds | wall s | CPU s |", "|---|---|---|---|---|---|---|"]
         for r in results:
             lines.append(
-                f"| [{r['study']}](#{r['study']}) | {'yes' if r['holds'] else 'NO'} | "
-                f"{'quick' if r['quick'] else 'full'} | {r['config'].get('seeds', '?')} | {r['seconds']:.0f} |"
+                f"| [{r['study']}](#{r['study']}) | {_verdict(r)} | {_baseline_cell(r)} | "
+                f"{'quick' if r['quick'] else 'full'} | {r['config'].get('seeds', '?')} | {r['seconds']:.0f} | "
+                f"{r.get('cpu_seconds', float('nan')):.0f} |"
             )
         lines.append("")
+        rows = [(r, p) for r in results for p in r.get("parts", [])]
+        if rows:
+            lines += ["| study | part of the claim | verdict | margin | noise | seeds |",
+                      "|---|---|---|---|---|---|"]
+            for r, p in rows:
+                noise = _fmt(p["noise"]) if p["noise"] is not None else "n/a (1 seed)"
+                lines.append(f"| {r['study']} | {p['name']} | {p['verdict']} | {p['margin']:+.4g} | {noise} | "
+                             f"{p['n']} |")
+            lines.append("")
         lines += [_study_section(r) for r in results]
     path = out / REPORT_FILE
     path.write_text("\n".join(lines) + "\n")
