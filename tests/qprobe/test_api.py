@@ -192,3 +192,19 @@ def test_token_level_embeddings_are_pooled_by_the_chosen_rule():
             _client(server, pooling="error").embed(texts)
     with pytest.raises(ValueError, match="pooling must be one of"):
         OpenAICompatible("http://127.0.0.1:1/v1", "m", pooling="max")
+
+
+def test_llamacpp_example_runs_against_a_server_that_behaves_like_llamacpp():
+    import importlib.util
+    import pathlib
+    import runpy
+
+    script = pathlib.Path(__file__).parents[2] / "examples" / "qprobe_llamacpp.py"
+    main = runpy.run_path(str(script))["main"]
+    with loopback_server(ignore_n=True, token_embeddings=True) as server:
+        base = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        assert main(["--api-base", base, "--questions", "6", "--k", "3"]) == 0
+        chats = [body for path, _, body, _ in server.requests if path.endswith("/chat/completions")]
+        assert len(chats) == 6 * 3 and [b["seed"] for b in chats[:3]] == [0, 1, 2]
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert main([]) == 1  # says what is missing instead of failing later
