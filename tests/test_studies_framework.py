@@ -64,7 +64,7 @@ def test_cli_list_and_reproduce_and_report(tmp_path, capsys):
     assert "toy-framework" in capsys.readouterr().out
     assert main(["reproduce", "toy-framework", "--quick", "--seeds", "3", "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "claim: holds" in out
+    assert "holds" in out
     text = (tmp_path / "report.md").read_text()
     assert "## toy-framework" in text and "| tilted |" in text and "toy summary" in text
     assert (tmp_path / "toy-framework" / "methods.png").stat().st_size > 1000
