@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import torch
 
 __all__ = ["set_checks", "checks_enabled", "checks", "check_batch", "check_finite", "check_temperature",
-           "check_nonnegative_weights", "check_same_length", "describe_indices"]
+           "check_nonnegative_weights", "check_same_length", "describe_indices", "check_mask",
+           "check_positive_number", "check_choice", "check_weight_values"]
 
 _ENABLED = True
 
@@ -78,9 +79,7 @@ def check_finite(x: torch.Tensor, name: str) -> None:
 
 def check_temperature(temperature: float, name: str = "temperature") -> None:
     """A temperature must be a finite number greater than zero."""
-    t = float(temperature)
-    if not (t > 0.0) or t == float("inf"):
-        raise ValueError(f"{name} must be a finite number > 0, got {temperature!r}")
+    check_positive_number(temperature, name)
 
 
 def check_nonnegative_weights(w: torch.Tensor, name: str = "weights", allow_all_zero: bool = False) -> None:
@@ -103,3 +102,44 @@ def check_same_length(a: torch.Tensor, name_a: str, b: torch.Tensor, name_b: str
             f"{name_a} has {a.shape[0]} samples but {name_b} has {b.shape[0]}: shapes "
             f"{tuple(a.shape)} and {tuple(b.shape)} do not match"
         )
+
+
+def check_positive_number(value: float, name: str) -> None:
+    """A finite real number > 0 (not a bool, a string or a tensor with several values)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype == torch.bool):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not (v > 0.0) or v == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> None:
+    """``value`` must be one of ``choices`` (the error lists them)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_mask(mask: torch.Tensor, x: torch.Tensor, name: str) -> None:
+    """A per-sample mask for ``x``: a bool (or integer, nonzero = True) tensor of the same length."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor of booleans (True = take part), got {type(mask).__name__}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"mask must be a bool tensor (True = take part), got dtype {mask.dtype}; "
+                        "use mask > 0 to convert")
+    if mask.shape != x.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but {name} has {tuple(x.shape)}: "
+                         "one entry per sample is needed")
+
+
+def check_weight_values(w: torch.Tensor, name: str, require_positive: bool) -> None:
+    """Finite, >= 0 and (if asked) not all zero, in one host read; the error names the sample indices."""
+    bad = ~torch.isfinite(w) | (w < 0)
+    flags = torch.stack([bad.any(), (w > 0).any()]).tolist()
+    if flags[0]:
+        nan, inf, neg = torch.isnan(w), torch.isinf(w), w < 0
+        parts = [f"{kind} values at sample indices {describe_indices(m)}"
+                 for kind, m in (("NaN", nan), ("infinite", inf), ("negative", neg)) if bool(m.any())]
+        raise ValueError(f"{name} must be finite and >= 0, but has {'; '.join(parts)}")
+    if require_positive and not flags[1]:
+        raise ValueError(f"{name} are all zero: at least one sample needs a positive weight")

@@ -3,10 +3,13 @@
 Every normalisation in the library is over the *global* batch: all ranks, with per-rank batch
 sizes allowed to differ. Reductions (sum, max, min) need no knowledge of other ranks' sizes and
 never synchronise with the host. Gathering the values themselves (needed only by rank and
-quantile normalisation) exchanges the per-rank sizes first, which costs one small host sync.
+quantile normalisation) exchanges the per-rank sizes first, which costs one small host sync;
+:func:`gather_rows` carries sizes and values in one collective (what ``LossReweighter`` uses).
 
 All functions take an optional ``group`` (a ``torch.distributed`` process group); ``None`` means
-the default group. Inputs are not modified. These functions carry no gradient: the library uses
+the default group and :data:`LOCAL` means "this process only" (no collective even when
+``torch.distributed`` is initialised: used to compute on a batch already gathered). Inputs are
+not modified. These functions carry no gradient: the library uses
 them only on detached signals (losses, scores), never on the graph of the loss.
 """
 
@@ -23,12 +26,27 @@ __all__ = [
     "all_reduce_max",
     "all_reduce_min",
     "all_gather_uneven",
+    "gather_rows",
     "global_count",
+    "LOCAL",
 ]
+
+
+class _Local:
+    """The process group of this process alone (see :data:`LOCAL`)."""
+
+    def __repr__(self) -> str:
+        return "reweighting.distributed.LOCAL"
+
+
+LOCAL = _Local()
+"""Pass as ``group`` to compute over this process's tensors only, with no collective."""
 
 
 def is_distributed(group=None) -> bool:
     """True when ``torch.distributed`` is initialised with more than one rank in ``group``."""
+    if group is LOCAL:
+        return False
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
@@ -93,3 +111,35 @@ def all_gather_uneven(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
     dist.all_gather(pieces, padded, group=group)
     out = torch.cat([p[:s] for p, s in zip(pieces, sizes_list)], dim=0)
     return out, sum(sizes_list[:me])
+
+
+def gather_rows(x: torch.Tensor, capacity: int, group=None) -> tuple[torch.Tensor, list[int], int]:
+    """Every rank's rows of ``x`` (``[n, k]``, ``n`` may differ per rank) in **one** collective.
+
+    Each rank sends a buffer of ``capacity + 1`` rows, the first holding its row count, so a
+    single ``all_gather`` carries both the sizes and the values (for the few KB of per-sample
+    losses of a batch this costs one collective latency, the same as a scalar all-reduce).
+    Every rank reads the sizes, so if one exceeds ``capacity`` all ranks agree to gather again
+    with a larger buffer (a power of two); pass the returned capacity next time so that this
+    happens once. Returns ``(rows [N, k] in rank order, row counts per rank, capacity used)``;
+    this rank's rows start at ``sum(counts[:rank])``. The counts travel in ``x``'s dtype (float32
+    counts are exact below 2^24).
+    """
+    x = x.detach()
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-d [rows, columns], got shape {tuple(x.shape)}")
+    capacity = max(1, int(capacity))
+    if not is_distributed(group):
+        return x.clone(), [x.shape[0]], capacity
+    n_ranks = dist.get_world_size(group)
+    n = x.shape[0]
+    buffer = x.new_zeros((capacity + 1, x.shape[1]))
+    buffer[0, 0] = n
+    buffer[1 : 1 + min(n, capacity)] = x[:capacity]
+    pieces = [torch.empty_like(buffer) for _ in range(n_ranks)]
+    dist.all_gather(pieces, buffer, group=group)
+    counts = [int(c) for c in torch.stack([p[0, 0] for p in pieces]).tolist()]
+    if max(counts) > capacity:
+        return gather_rows(x, 1 << (max(counts) - 1).bit_length(), group)
+    rows = torch.cat([p[1 : 1 + c] for p, c in zip(pieces, counts)], dim=0)
+    return rows, counts, capacity

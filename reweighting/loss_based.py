@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from . import distributed as D
-from .checks import check_batch, check_temperature, checks, checks_enabled, describe_indices
-from .reduce import accumulate_weighted, weighted_loss
+from .checks import check_temperature, checks, checks_enabled, describe_indices
+from .reduce import accumulate_weighted
 from .weights import WeightStats, normalize, tilt, weight_stats
 
 __all__ = ["LossReweighter", "STRATEGIES", "LOSS_NORMALIZATIONS", "strategy_scores"]
@@ -55,6 +55,18 @@ def strategy_scores(h: torch.Tensor, strategy: str, delta: float = 1.0) -> torch
     if strategy == "uniform":
         return torch.zeros_like(h)
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+class _AttachHandle:
+    """What :meth:`LossReweighter.attach` returns: ``remove()`` detaches the reweighter."""
+
+    def __init__(self, owner: LossReweighter, hook: Any) -> None:
+        self._owner, self._hook = owner, hook
+
+    def remove(self) -> None:
+        self._hook.remove()
+        if self._owner._attached is self:
+            self._owner._attached = None
 
 
 class LossReweighter:
@@ -174,6 +186,10 @@ class LossReweighter:
         self.num_steps = 0
         self.stats: WeightStats | None = None
         self._calls_since_step = 0
+        self._attached: _AttachHandle | None = None
+        # Rows per rank of the one-collective gather (grown, identically on every rank, when a
+        # batch is larger); not part of the state: a resumed run grows it again in one extra gather.
+        self._capacity = 256
 
     def __repr__(self) -> str:
         return (
@@ -188,14 +204,45 @@ class LossReweighter:
         """True while ``num_steps < warmup_steps``."""
         return self.num_steps < self.warmup_steps
 
-    def step(self) -> None:
-        """Advance the optimizer-step counter by one (call once per ``optimizer.step()``)."""
+    def _advance(self) -> None:
         self.num_steps += 1
         self._calls_since_step = 0
 
-    def attach(self, optimizer: torch.optim.Optimizer):
-        """Call :meth:`step` after every ``optimizer.step()``; returns the hook's removable handle."""
-        return optimizer.register_step_post_hook(lambda *_: self.step())
+    def step(self) -> None:
+        """Advance the optimizer-step counter by one (call once per ``optimizer.step()``).
+
+        Raises ``RuntimeError`` while :meth:`attach` is in force: the optimizer already advances
+        the counter, and a second advance per step would end warm-up at half the intended steps.
+        """
+        if self._attached is not None:
+            raise RuntimeError(
+                "rw.step() was called while rw.attach(optimizer) is in force: the optimizer already "
+                "advances the step counter, so this would count two steps per optimizer step; call "
+                "one or the other (rw.detach() undoes attach)"
+            )
+        self._advance()
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> _AttachHandle:
+        """Advance the step counter after every ``optimizer.step()``; returns a handle with ``remove()``.
+
+        At most one optimizer at a time: attaching again (to the same or another optimizer)
+        raises ``RuntimeError``, as does a manual :meth:`step` while attached. :meth:`detach` (or
+        the handle's ``remove()``) undoes it.
+        """
+        if not callable(getattr(optimizer, "register_step_post_hook", None)):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self._attached is not None:
+            raise RuntimeError(
+                "this LossReweighter is already attached to an optimizer: a second attach would count "
+                "two steps per optimizer step (call rw.detach() first to move it to another optimizer)"
+            )
+        self._attached = _AttachHandle(self, optimizer.register_step_post_hook(lambda *_: self._advance()))
+        return self._attached
+
+    def detach(self) -> None:
+        """Undo :meth:`attach` (a no-op when not attached)."""
+        if self._attached is not None:
+            self._attached.remove()
 
     def state_dict(self) -> dict[str, Any]:
         """The step counter (the weights depend on nothing else that persists between steps)."""
@@ -204,7 +251,7 @@ class LossReweighter:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the step counter saved by :meth:`state_dict`."""
         steps = state.get("num_steps") if isinstance(state, dict) else None
-        if not isinstance(steps, int) or steps < 0:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"state must be a dict with an integer 'num_steps' >= 0, got {state!r}")
         self.num_steps = steps
         self._calls_since_step = 0
@@ -213,58 +260,105 @@ class LossReweighter:
     def _is_uniform(self) -> bool:
         return self.strategy == "uniform" or (self.in_warmup and self.warmup_temperature is None)
 
-    def _finite_mask(self, values: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The mask of samples that take part (None: all), and this rank's count of non-finite losses."""
-        bad = ~torch.isfinite(values)
-        if self.nonfinite == "zero":
-            return ~bad, bad.sum()
-        if checks_enabled():
-            # Agree on failure across ranks first, so that every rank raises instead of one raising
-            # while the others wait in a collective.
-            if bool(D.all_reduce_sum(bad.sum().float(), self.group) > 0):
-                if not bool(bad.any()):
-                    raise ValueError("per_sample_loss has NaN or infinite values on another rank")
-                kinds = [k for k, m in (("NaN", torch.isnan(values)), ("infinite", torch.isinf(values)))
-                         if bool(m.any())]
-                where = f" on rank {D.rank(self.group)}" if D.is_distributed(self.group) else ""
-                raise ValueError(
-                    f"per_sample_loss has {' and '.join(kinds)} values at sample indices "
-                    f"{describe_indices(bad)}{where} (pass nonfinite='zero' to give them weight 0 instead)"
-                )
-        return None, bad.sum()
-
-    def _weights_and_mask(self, per_sample_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _check_input(self, per_sample_loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         if not isinstance(per_sample_loss, torch.Tensor):
             raise TypeError(f"per_sample_loss must be a torch.Tensor, got {type(per_sample_loss).__name__}")
-        if not D.is_distributed(self.group):
-            check_batch(per_sample_loss, "per_sample_loss")
-        elif per_sample_loss.dim() != 1:
+        if not per_sample_loss.is_floating_point():
+            raise TypeError("per_sample_loss must be a floating-point tensor (losses), got dtype "
+                            f"{per_sample_loss.dtype}")
+        if per_sample_loss.dim() != 1:
             raise ValueError(f"per_sample_loss must be 1-d (one value per sample), got shape "
                              f"{tuple(per_sample_loss.shape)}")
+        if per_sample_loss.shape[0] == 0 and not D.is_distributed(self.group):
+            raise ValueError("per_sample_loss is empty: a batch needs at least one sample")
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor of booleans (True = take part), got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = take part), got dtype {mask.dtype}")
+        if mask.shape != per_sample_loss.shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but per_sample_loss has "
+                             f"{tuple(per_sample_loss.shape)}: one entry per sample is needed")
+        if mask.device != per_sample_loss.device:
+            raise ValueError(f"mask is on {mask.device} but per_sample_loss is on {per_sample_loss.device}")
+        return mask
+
+    def _nonfinite_error(self, bad: torch.Tensor, values: torch.Tensor, offset: int, n_local: int,
+                         rank_sizes: list[int] | None) -> ValueError:
+        """The error for non-finite losses (``bad`` and ``values`` over the gathered global batch)."""
+        kinds = " and ".join(k for k, m in (("NaN", torch.isnan(values) & bad), ("infinite", torch.isinf(values) & bad))
+                             if bool(m.any()))
+        hint = " (pass nonfinite='zero' to give them weight 0 instead, or mask=... to exclude samples)"
+        if rank_sizes is None:
+            return ValueError(f"per_sample_loss has {kinds} values at sample indices {describe_indices(bad)}{hint}")
+        mine = bad[offset : offset + n_local]
+        places, start = [], 0
+        for r, size in enumerate(rank_sizes):
+            if bool(bad[start : start + size].any()):
+                places.append(f"sample indices {describe_indices(bad[start : start + size])} on rank {r}")
+            start += size
+        if bool(mine.any()):
+            return ValueError(f"per_sample_loss has {kinds} values at {'; '.join(places)}{hint}")
+        return ValueError(f"per_sample_loss has {kinds} values on another rank: {'; '.join(places)}{hint}")
+
+    def _weights_and_mask(
+        self, per_sample_loss: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's weights, and this rank's mask of samples that take part (None: all)."""
+        mask = self._check_input(per_sample_loss, mask)
         values = per_sample_loss.detach().float()
-        mask, n_nonfinite = self._finite_mask(values)
-        if mask is not None:
-            values = torch.where(mask, values, torch.zeros_like(values))
+        n_local = values.shape[0]
+        excluded = torch.zeros_like(values) if mask is None else (~mask).float()
+        # One collective: every rank's losses and exclusion flags (a few KB); everything below is
+        # computed locally on the global batch, identically on every rank.
+        rows, counts, self._capacity = D.gather_rows(torch.stack([values, excluded], dim=1), self._capacity,
+                                                     self.group)
+        offset = sum(counts[: D.rank(self.group)])
+        everything, taking_part = rows[:, 0], rows[:, 1] == 0
+        finite = torch.isfinite(everything)
+        bad = taking_part & ~finite
+        keep = taking_part & finite if self.nonfinite == "zero" else taking_part
+        if checks_enabled():
+            if self.nonfinite == "raise" and bool(bad.any()):
+                raise self._nonfinite_error(bad, everything, offset, n_local,
+                                            counts if D.is_distributed(self.group) else None)
+            if not bool(keep.any()):
+                raise ValueError(
+                    f"no sample of per_sample_loss is left to weight over the global batch of {rows.shape[0]}: "
+                    f"{int((~taking_part).sum())} excluded by mask, {int(bad.sum())} non-finite"
+                )
+        all_kept = mask is None and self.nonfinite == "raise"
+        local = D.LOCAL
         if self._is_uniform():
-            ones = torch.ones_like(values) if mask is None else mask.float()
-            weights = ones / D.global_count(ones.sum(), values.device, self.group)
+            ones = keep.float()
+            weights = ones / ones.sum()
         else:
             temperature = self.warmup_temperature if self.in_warmup else self.temperature
-            # Under "raise", _finite_mask has already checked every loss (agreed over ranks), and
-            # finite losses give finite scores: skip the core's per-call re-checks (a host sync each).
-            with checks(False) if mask is None else nullcontext():
-                h = normalize(values, self.normalize, self.delta, mask=mask, group=self.group)
+            safe = torch.where(keep, everything, torch.zeros_like(everything))
+            # Every value has been checked above (or the policy masks it), and finite losses give
+            # finite scores: skip the core's per-call re-checks (a host sync each).
+            with checks(False):
+                h = normalize(safe, self.normalize, self.delta, mask=None if all_kept else keep, group=local)
                 scores = strategy_scores(h, self.strategy, self.delta)
-                weights = tilt(scores, temperature, mask=mask, group=self.group)
-        self.stats = weight_stats(weights, mask=mask, n_nonfinite=n_nonfinite, n_dropped=n_nonfinite,
-                                  group=self.group)
-        return weights, mask
+                weights = tilt(scores, temperature, mask=None if all_kept else keep, group=local)
+        n_masked = (~taking_part).sum()
+        n_bad = bad.sum() if self.nonfinite == "zero" else 0
+        self.stats = weight_stats(weights, mask=None if all_kept else keep, n_nonfinite=bad.sum(),
+                                  n_dropped=n_masked + n_bad, n_masked=n_masked, group=local)
+        mine = weights[offset : offset + n_local]
+        return mine, (None if all_kept else keep[offset : offset + n_local])
 
-    def weights(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
-        """Detached float32 weights of this rank's samples, summing to 1 over the global batch; sets ``stats``."""
-        return self._weights_and_mask(per_sample_loss)[0]
+    def weights(self, per_sample_loss: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Detached float32 weights of this rank's samples, summing to 1 over the global batch; sets ``stats``.
 
-    def __call__(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
+        ``mask`` (bool ``[B]``, True = takes part, optional) excludes samples, for example
+        sequences with no labelled token: they get weight exactly 0, enter no statistic of the
+        normalisation, may hold any value (NaN included) and are counted in ``stats.n_masked``.
+        """
+        return self._weights_and_mask(per_sample_loss, mask)[0]
+
+    def __call__(self, per_sample_loss: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The weighted loss ``sum_i w_i l_i`` over the global batch (see the class docstring for DDP).
 
         With uniform weights (``strategy="uniform"`` or warm-up) this is ``per_sample_loss.mean()``
@@ -278,17 +372,16 @@ class LossReweighter:
                     "each optimizer step"
                 )
             self._calls_since_step += 1
-        weights, mask = self._weights_and_mask(per_sample_loss)
+        weights, keep = self._weights_and_mask(per_sample_loss, mask)
         loss = per_sample_loss.float()
-        if mask is not None:
-            # where() (not multiplication by 0) so that a NaN loss cannot leak into the sum.
-            loss = torch.where(mask, loss, torch.zeros_like(loss))
-        if self._is_uniform():
-            if not D.is_distributed(self.group) and mask is None:
-                return loss.mean()
-            count = self.stats.n  # samples that took part, over all ranks
-            return loss.sum() * (D.world_size(self.group) / count)
-        return weighted_loss(loss, weights, group=self.group)
+        if keep is not None:
+            # where() (not multiplication by 0) so that a NaN loss cannot leak into the sum, and
+            # the gradient reaching per_sample_loss at a left-out sample is exactly 0.
+            loss = torch.where(keep, loss, torch.zeros_like(loss))
+        if self._is_uniform() and not D.is_distributed(self.group) and keep is None:
+            return loss.mean()
+        # The weights were made (and checked) here: no re-validation, no collective.
+        return (weights.to(loss.device) * loss).sum() * D.world_size(self.group)
 
     def accumulate(
         self,

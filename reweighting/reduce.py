@@ -8,6 +8,7 @@ average over ranks of these is exactly the global weighted sum. In one process t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -15,33 +16,77 @@ from typing import Any
 import torch
 
 from . import distributed as D
-from .checks import check_batch, check_same_length, checks_enabled, describe_indices
+from .checks import check_batch, check_same_length, check_weight_values, checks_enabled, describe_indices
 
-__all__ = ["sequence_loss", "weighted_loss", "score_window", "restore_rng_state", "accumulate_weighted"]
+__all__ = ["SEQUENCE_EMPTY", "sequence_loss", "weighted_loss", "score_window", "restore_rng_state",
+           "accumulate_weighted"]
 
 
-def sequence_loss(token_loss: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+SEQUENCE_EMPTY = ("raise", "nan")
+
+
+def sequence_loss(token_loss: torch.Tensor, mask: torch.Tensor | None = None, *, empty: str = "raise") -> torch.Tensor:
     """Per-sequence mean over unmasked tokens: ``l_i = sum_t m_it l_it / sum_t m_it`` (shape ``[B]``).
 
-    ``token_loss`` is ``[B, T]`` (e.g. ``cross_entropy(..., reduction="none")`` reshaped);
-    ``mask`` is ``[B, T]`` with 1 / True for real tokens (``None``: every token counts). A sequence
-    with no real token is an error, since its mean is undefined. Computed in float32; keeps the graph.
+    ``token_loss`` is ``[B, T]`` float (e.g. ``cross_entropy(..., reduction="none")`` reshaped);
+    ``mask`` is ``[B, T]`` bool, or 0/1 integers or floats, with 1 / True for real tokens
+    (``None``: every token counts). Computed in float32; keeps the graph. A NaN in a masked-out
+    position does not leak into the mean or its gradient.
+
+    A sequence with no real token (common after truncation in SFT) has no mean, and never gets a
+    made-up loss of 0 (which would enter the min-max range and change every other weight):
+
+    - ``empty="raise"`` (default): ``ValueError`` naming the sequences. With checks off
+      (``set_checks(False)``, no host sync) such rows come out NaN instead, so a later step
+      fails loudly rather than training on a fake value.
+    - ``empty="nan"``: such rows are NaN, without error. Their gradient is exactly 0 and the other
+      rows' are untouched. Exclude them from the weights with
+      ``LossReweighter.weights(losses, mask=token_mask.any(dim=1))`` (or ``rw(losses, mask=...)``):
+      they get weight 0, enter no statistic, and are counted in ``stats.n_masked``.
     """
+    if not isinstance(token_loss, torch.Tensor):
+        raise TypeError(f"token_loss must be a torch.Tensor, got {type(token_loss).__name__}")
+    if not token_loss.is_floating_point():
+        raise TypeError(f"token_loss must be a floating-point tensor (losses), got dtype {token_loss.dtype}")
+    if empty not in SEQUENCE_EMPTY:
+        raise ValueError(f"empty must be one of {SEQUENCE_EMPTY}, got {empty!r}")
     if token_loss.dim() != 2:
         raise ValueError(f"token_loss must be [batch, tokens], got shape {tuple(token_loss.shape)}")
     if token_loss.shape[0] == 0:
         raise ValueError("token_loss is empty: a batch needs at least one sequence")
+    if token_loss.shape[1] == 0:
+        raise ValueError(f"token_loss has no tokens (shape {tuple(token_loss.shape)}): every sequence needs one")
     loss = token_loss.float()
     if mask is None:
         return loss.mean(dim=1)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor [batch, tokens], got {type(mask).__name__}")
     if mask.shape != token_loss.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match token_loss shape {tuple(token_loss.shape)}")
-    m = mask.to(device=loss.device, dtype=loss.dtype)
-    counts = m.sum(dim=1)
-    if checks_enabled() and bool((counts == 0).any()):
-        raise ValueError(f"mask has no real token in sequences {describe_indices(counts == 0)}")
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool or 0/1 numbers, got dtype {mask.dtype}")
+    mask = mask.to(device=loss.device)
+    real = mask if mask.dtype == torch.bool else mask != 0
+    counts = real.sum(dim=1)
+    has_tokens = counts > 0
+    if checks_enabled():
+        # One host read for both checks.
+        not_binary = (mask != 0) & (mask != 1) if mask.dtype != torch.bool else torch.zeros_like(real)
+        flags = torch.stack([not_binary.any(), (~has_tokens).any()]).tolist()
+        if flags[0]:
+            rows = not_binary.any(dim=1)
+            raise ValueError(f"mask must hold only 0 and 1 (or booleans), but sequences {describe_indices(rows)} "
+                             "have other values; a soft mask is not a token mask")
+        if flags[1] and empty == "raise":
+            raise ValueError(
+                f"mask has no real token in sequences {describe_indices(~has_tokens)}: their mean loss is "
+                "undefined (pass empty='nan' and exclude them with LossReweighter(...).weights(losses, "
+                "mask=...) to give them weight 0)"
+            )
     # where() rather than multiplication so that a NaN in a padded position cannot leak in.
-    return torch.where(m > 0, loss, torch.zeros_like(loss)).sum(dim=1) / counts.clamp(min=1)
+    total = torch.where(real, loss, torch.zeros_like(loss)).sum(dim=1)
+    mean = total / counts.clamp(min=1).to(loss.dtype)
+    return torch.where(has_tokens, mean, torch.full_like(mean, math.nan))
 
 
 def weighted_loss(per_sample_loss: torch.Tensor, weights: torch.Tensor, *, group=None) -> torch.Tensor:
@@ -52,16 +97,32 @@ def weighted_loss(per_sample_loss: torch.Tensor, weights: torch.Tensor, *, group
     ``world_size * sum_{i on this rank} w_i l_i`` in float32. In one process this is ``sum_i w_i l_i``,
     and with uniform weights ``1 / B`` it equals the plain mean.
 
+    A sample with weight exactly 0 is left out (``torch.where``, not ``0 * l``): a NaN or
+    infinite loss there does not turn the sum into NaN, and the gradient reaching its loss is 0.
+    Weights must be finite and >= 0 (``ValueError`` naming the sample indices, one host read;
+    skipped under ``set_checks(False)``); in one process at least one must be positive.
+
     Gradient accumulation: if the weights were normalised over the whole window (all micro-batches,
     see :func:`accumulate_weighted`) call ``backward`` on each micro-batch's value as is and do not
     divide by the number of micro-batches. If they were normalised per micro-batch (the paper's
     behaviour), divide by the number of micro-batches as for a plain mean.
     """
+    for value, name in ((per_sample_loss, "per_sample_loss"), (weights, "weights")):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        if value.dim() != 1:
+            raise ValueError(f"{name} must be 1-d (one value per sample), got shape {tuple(value.shape)}")
     if not D.is_distributed(group):
         check_batch(per_sample_loss, "per_sample_loss")
     check_same_length(per_sample_loss, "per_sample_loss", weights, "weights")
     w = weights.detach().to(device=per_sample_loss.device, dtype=torch.float32)
-    return (w * per_sample_loss.float()).sum() * D.world_size(group)
+    if checks_enabled():
+        check_weight_values(w, "weights", require_positive=not D.is_distributed(group))
+    loss = per_sample_loss.float()
+    loss = torch.where(w > 0, loss, torch.zeros_like(loss))
+    return (w * loss).sum() * D.world_size(group)
 
 
 RngState = tuple[torch.Tensor, list[torch.Tensor] | None]

@@ -13,12 +13,20 @@ any statistic.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from . import distributed as D
-from .checks import check_batch, check_finite, check_same_length, check_temperature, checks_enabled
+from .checks import (
+    check_batch,
+    check_finite,
+    check_mask,
+    check_positive_number,
+    check_temperature,
+    check_weight_values,
+    checks_enabled,
+)
 
 __all__ = [
     "tilt",
@@ -39,6 +47,8 @@ def _prepare(x: torch.Tensor, name: str, mask: torch.Tensor | None, group) -> tu
     """Detached float32 copy of ``x`` and a boolean mask, validated."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{name} must hold real numbers (a float or integer tensor), got dtype {x.dtype}")
     if x.dim() != 1:
         raise ValueError(f"{name} must be 1-d (one value per sample), got shape {tuple(x.shape)}")
     if x.shape[0] == 0 and not D.is_distributed(group):
@@ -48,7 +58,7 @@ def _prepare(x: torch.Tensor, name: str, mask: torch.Tensor | None, group) -> tu
         if checks_enabled():
             check_finite(values, name)
         return values, torch.ones_like(values, dtype=torch.bool)
-    check_same_length(x, name, mask, "mask")
+    check_mask(mask, x, name)
     mask = mask.to(device=values.device, dtype=torch.bool)
     if checks_enabled():
         check_finite(torch.where(mask, values, torch.zeros_like(values)), name)
@@ -106,6 +116,8 @@ def minmax_normalize(
     squashing every other sample towards one end: see :func:`quantile_normalize` and
     :func:`rank_normalize` for robust alternatives. Excluded samples get 0.
     """
+    check_positive_number(delta, "delta")
+    check_positive_number(eps, "eps")
     values, mask = _prepare(x, "x", mask, group)
     hi, lo = _masked_range(values, mask, group)
     h = delta * (2 * values - hi - lo) / torch.clamp(hi - lo, min=eps)
@@ -116,7 +128,9 @@ def zscore(x: torch.Tensor, *, eps: float = 1e-8, mask: torch.Tensor | None = No
     """``s_i = (x_i - mean(x)) / sqrt(var(x) + eps)`` with the population variance over the global batch.
 
     PRESENCE's standardisation of self-influence (METHODS.md section 2). Excluded samples get 0.
+    ``eps`` keeps a constant input (all deviations 0) at finite zeros rather than ``0 / 0``.
     """
+    check_positive_number(eps, "eps")
     values, mask = _prepare(x, "x", mask, group)
     m = mask.float()
     # Two passes (mean, then squared deviations) rather than E[x^2] - E[x]^2, which cancels badly.
@@ -143,6 +157,7 @@ def rank_normalize(
     rank) among the ``n`` included samples; a single sample gets 0. Insensitive to outliers: the
     largest loss gets ``delta`` however large it is. Gathers the global batch (one host sync).
     """
+    check_positive_number(delta, "delta")
     values, mask = _prepare(x, "x", mask, group)
     everything, every_mask, offset = _global_values(values, mask, group)
     kept = everything[every_mask]
@@ -172,8 +187,10 @@ def quantile_normalize(
     longer squash the rest; they are clipped to the end of the range (they are still weighted, not
     dropped). Gathers the global batch (one host sync).
     """
-    if not 0.0 <= q < 0.5:
-        raise ValueError(f"q must be in [0, 0.5), got {q!r}")
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q < 0.5:
+        raise ValueError(f"q must be a number in [0, 0.5), got {q!r}")
+    check_positive_number(delta, "delta")
+    check_positive_number(eps, "eps")
     values, mask = _prepare(x, "x", mask, group)
     everything, every_mask, _ = _global_values(values, mask, group)
     kept = everything[every_mask]
@@ -194,7 +211,7 @@ def normalize(
         return rank_normalize(x, delta, mask=mask, group=group)
     if method == "zscore":
         return zscore(x, mask=mask, group=group)
-    raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {method!r}")
+    raise ValueError(f"method must be one of {NORMALIZATIONS}, got {method!r}")
 
 
 @dataclass
@@ -206,7 +223,9 @@ class WeightStats:
     - ``entropy`` of the normalised weights (``log n`` when uniform);
     - ``max_min_ratio``: largest over smallest weight among the samples that took part;
     - ``n_nonfinite``: samples whose signal was NaN or infinite; ``n_dropped``: samples given
-      weight 0 by a policy (including the non-finite ones under the ``"zero"`` policy).
+      weight 0 by a policy (including the non-finite ones under the ``"zero"`` policy and the
+      ones excluded by a caller's mask); ``n_masked``: samples excluded by a caller's mask (for
+      example sequences with no labelled token).
     """
 
     n: torch.Tensor
@@ -218,6 +237,7 @@ class WeightStats:
     max_min_ratio: torch.Tensor
     n_nonfinite: torch.Tensor
     n_dropped: torch.Tensor
+    n_masked: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
         """Plain floats for a logger (this reads the values back to the host)."""
@@ -230,16 +250,30 @@ def weight_stats(
     mask: torch.Tensor | None = None,
     n_nonfinite: int | torch.Tensor = 0,
     n_dropped: int | torch.Tensor = 0,
+    n_masked: int | torch.Tensor = 0,
     group=None,
 ) -> WeightStats:
-    """Compute :class:`WeightStats` for this rank's slice of a global set of weights (no host sync).
+    """Compute :class:`WeightStats` for this rank's slice of a global set of weights.
 
-    ``n_nonfinite`` and ``n_dropped`` are this rank's counts; they are summed over ranks.
+    ``n_nonfinite``, ``n_dropped`` and ``n_masked`` are this rank's counts; they are summed over
+    ranks. Weights must be finite and >= 0 (checked with one host sync unless checks are off);
+    in one process at least one included weight must be positive.
     """
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
     if not D.is_distributed(group):
         check_batch(weights, "weights")
+    elif weights.dim() != 1:
+        raise ValueError(f"weights must be 1-d (one value per sample), got shape {tuple(weights.shape)}")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating-point tensor, got dtype {weights.dtype}")
+    if mask is not None:
+        check_mask(mask, weights, "weights")
     w = weights.detach().float()
     keep = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.to(device=w.device, dtype=torch.bool)
+    if checks_enabled():
+        check_weight_values(torch.where(keep, w, torch.zeros_like(w)), "weights",
+                             require_positive=not D.is_distributed(group))
     wk = torch.where(keep, w, torch.zeros_like(w))
     sums = D.all_reduce_sum(
         torch.stack([
@@ -249,15 +283,17 @@ def weight_stats(
             torch.where(wk > 0, wk * torch.log(torch.clamp(wk, min=1e-38)), torch.zeros_like(wk)).sum(),
             torch.as_tensor(n_nonfinite, dtype=torch.float32, device=w.device).reshape(()),
             torch.as_tensor(n_dropped, dtype=torch.float32, device=w.device).reshape(()),
+            torch.as_tensor(n_masked, dtype=torch.float32, device=w.device).reshape(()),
         ]),
         group,
     )
-    n, total, squares, w_log_w, nonfinite, dropped = sums
+    n, total, squares, w_log_w, nonfinite, dropped, masked = sums
     hi, lo = _masked_range(w, keep, group)
     ess = total * total / squares
     # Entropy of p = w / total: -sum p log p = log(total) - sum(w log w) / total.
     entropy = torch.log(total) - w_log_w / total
     return WeightStats(
         n=n, ess=ess, ess_fraction=ess / n, entropy=entropy, max_weight=hi, min_weight=lo,
-        max_min_ratio=hi / lo, n_nonfinite=nonfinite, n_dropped=dropped,
+        max_min_ratio=hi / lo, n_nonfinite=nonfinite, n_dropped=dropped, n_masked=masked,
     )
+
