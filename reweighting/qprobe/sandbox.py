@@ -1,31 +1,86 @@
-"""Running untrusted generated code against its tests, contained, for a 0/1 reward.
+"""Running untrusted generated code against its tests, in an operating-system sandbox, for a 0/1 reward.
 
-Each program runs in a fresh Python process with:
+Threat model
+------------
+The program is hostile: it may run any Python code, call any system call its process is allowed,
+and try to make the evaluator report a pass it did not earn, to read or change anything outside its
+run, to talk to the network, to outlive its run or to exhaust the machine. The evaluator (this
+module, often running as root in a container) and the problem's tests are trusted.
 
-- a fresh temporary working directory (also ``HOME`` and ``TMPDIR``), removed afterwards;
-- a clean environment (no inherited variables, so no secrets), ``python -I -S -B``;
-- limits set before any of the program's code runs and which it cannot raise: CPU seconds
-  (``RLIMIT_CPU``), address space (``RLIMIT_AS``), number of processes (``RLIMIT_NPROC``), size of
-  any file written, standard output and error included (``RLIMIT_FSIZE``), open files, no core
-  dumps; and a wall-clock limit enforced by the parent;
-- when this process runs as root: a dedicated unprivileged user id per concurrent run (root is
-  exempt from ``RLIMIT_NPROC``, so a fork bomb would otherwise not be bounded). Files outside the
-  working directory are then protected by ordinary permissions, and when the run ends every
-  process of that user id is killed at once (``kill(-1)`` from that user), so nothing survives;
-- Python audit hooks that refuse writes, deletions and renames outside the working directory,
-  starting other programs, loading C libraries through ``ctypes`` and opening sockets. They are a
-  second fence (audit hooks cannot be removed from Python code), behind the operating system's.
+Isolation (the operating system, not Python)
+--------------------------------------------
+Each run is one bubblewrap (``bwrap``) sandbox: fresh user, pid, network, ipc, uts and cgroup
+namespaces (``--unshare-all --unshare-user``), no capabilities, no nested user namespaces
+(``--disable-userns``), a new session, no environment (``--clearenv``). Its file system is built
+from nothing: ``/usr`` (and the ``/bin``, ``/lib``, ``/lib64``, ``/sbin`` links into it), the
+interpreter's installation, ``/etc/ld.so.cache``, all read-only; a new ``/proc`` of its own pid
+namespace and a minimal ``/dev``, read-only; a private working directory and a private ``/tmp``,
+each a tmpfs of at most ``max_disk_bytes``; the root itself read-only. Nothing of the host's
+``/etc``, ``/home``, ``/root``, ``/tmp``, ``/run`` or working tree is visible; nothing is written
+on the host's disk, so nothing needs removing afterwards. The network namespace has only its own
+loopback. Its processes cannot see or signal any process outside (pid namespace); when its first
+process ends the kernel ends all of them, and that process dies with ``bwrap``
+(``--die-with-parent``), which the evaluator kills at the wall-clock limit.
 
-Without root, the program runs as the calling user: the limits and audit hooks still apply and
-the process group is killed at the end, but a program that leaves its process group could outlive
-the run. A program that needs a network, other programs or third-party packages is out of scope.
+As root, the evaluator first drops to a dedicated unprivileged user and group id (``UID_BASE``)
+before starting ``bwrap``, so that inside the sandbox nobody is root outside it: ownership bits of
+root's files do not apply, and ``RLIMIT_NPROC`` (which root ignores) bounds a fork bomb. With user
+namespaces that limit counts the processes of one sandbox only, so concurrent runs share the id
+without counting each other. That user cannot traverse a private directory such as ``/root``, so
+the interpreter in the sandbox is this one when every directory to it is world-searchable, else a
+system ``python3`` (``/usr/bin/python3``, ``/usr/local/bin/python3``), or
+``REWEIGHTING_SANDBOX_PYTHON``. The harness uses only the standard library.
+
+Limits set before any program code runs, which the program cannot raise: CPU seconds per process
+(``RLIMIT_CPU``), address space per process (``RLIMIT_AS``), processes (``RLIMIT_NPROC``), size of
+one file (``RLIMIT_FSIZE``), open files, no core dumps; bytes written in all (two tmpfs of
+``max_disk_bytes``); standard output and error (read through pipes and capped at
+``max_output_bytes`` each: more ends the run); the wall clock.
+
+The verdict
+-----------
+A structured :class:`TestedProgram` (what :func:`humaneval_program` returns) runs as two
+processes inside the sandbox (``_harness.py``). ``P``, the trusted harness, is pid 1 of the pid
+namespace, so signals from the program are ignored, and is not dumpable, so the program cannot
+ptrace it or open its ``/proc`` files. ``P`` runs the problem's own code (the prompt, then the
+tests) and forks ``C``, which closes every descriptor but two pipes to ``P`` (and its output) and
+runs the program. ``P`` then calls ``check`` with a stand-in for the entry point: each call's
+arguments go to ``C`` and the result comes back as plain data (exact ``None``, ``bool``, ``int``,
+``float``, ``complex``, ``str``, ``bytes``, ``list``, ``tuple``, ``set``, ``frozenset``,
+``dict``; anything else is a failure), rebuilt by ``P``. So an object with a forged ``__eq__``
+never reaches the tests, and monkeypatching builtins, exceptions or modules in ``C`` cannot touch
+``P``. Only ``P`` holds the verdict descriptor; it reads the run's random token from the evaluator
+only after ``C`` exists, and writes it with the verdict once the tests have returned. The evaluator
+counts a pass only for the exact token and ``"passed"``: an early exit (``os._exit``,
+``sys.exit``, ``atexit``), a signal, a crash of either process, a timeout or any limit is a 0.
+
+A plain source string is still accepted by :func:`run_program`; it runs in the same sandbox, and
+its best status is ``"completed"``: it ran to the end without raising. That verdict comes from the
+program's own process and a hostile program can forge it, so :func:`code_reward` refuses plain
+strings.
+
+Limits of this design, honestly
+-------------------------------
+- It relies on the Linux kernel and bubblewrap: a kernel bug reachable from an unprivileged user
+  namespace is an escape. No seccomp filter narrows the system calls.
+- Memory is bounded per process (``RLIMIT_AS``) times the process limit, plus the two tmpfs; there is
+  no cgroup, so a run may use up to ``max_processes * memory_bytes`` of memory, and the kernel memory
+  of many empty files or directories on the tmpfs is bounded only by the CPU and wall-clock limits.
+- CPU is limited per process, not per sandbox: ``max_processes`` busy processes use that many times
+  ``cpu_seconds`` within ``wall_seconds``.
+- The program sees the read-only ``/usr`` (world-readable system files) and can read what it is
+  sent: the arguments the tests call it with. It cannot see the tests' source or expected values.
+- ``isolation="none-unsafe"`` runs the same two-process harness with the limits but without any
+  namespace: the program can read, write and signal whatever the caller's user can. It exists for
+  machines without user namespaces where the programs are trusted; never use it for generated code.
 """
 
 from __future__ import annotations
 
-import fcntl
+import json
 import os
-import pwd
+import secrets
+import selectors
 import shutil
 import signal
 import stat
@@ -36,20 +91,34 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["SandboxLimits", "ExecutionResult", "run_program", "run_programs", "code_reward", "humaneval_program"]
+__all__ = ["SandboxLimits", "TestedProgram", "ExecutionResult", "SandboxUnavailable", "run_program",
+           "run_programs", "code_reward", "humaneval_program", "isolation_available"]
 
-# Dedicated user ids for sandboxed runs when started as root; override if these are in use.
+# The dedicated user and group id of sandboxed runs when the evaluator is root; override if in use.
 UID_BASE = int(os.environ.get("REWEIGHTING_SANDBOX_UID_BASE", "61000"))
-UID_SLOTS = 64
-_LOCK_DIR = Path(tempfile.gettempdir())
+UID_SLOTS = 1  # one id serves every run: each sandbox has its own user namespace and process count
+ISOLATIONS = ("bwrap", "none-unsafe")
+_HARNESS = (Path(__file__).with_name("_harness.py")).read_text()
+_INSIDE_UID = 65534
+_WORKDIR = "/sandbox"
+_INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`; Fedora: `dnf install "
+                 "bubblewrap`) and allow unprivileged user namespaces (sysctl user.max_user_namespaces > 0, "
+                 "kernel.unprivileged_userns_clone = 1 where it exists, and on Ubuntu 24.04+ "
+                 "kernel.apparmor_restrict_unprivileged_userns = 0 or an AppArmor profile for bwrap); or pass "
+                 "isolation='none-unsafe' only for programs you trust")
+
+
+class SandboxUnavailable(RuntimeError):
+    """The operating-system sandbox cannot be started on this machine."""
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Resource limits of one run (see the module docstring)."""
+    """Resource limits of one run (see the module docstring). ``max_disk_bytes`` bounds the private
+    working directory and the private ``/tmp`` each, and any one file."""
 
     wall_seconds: float = 10.0
     cpu_seconds: int = 5
@@ -57,263 +126,371 @@ class SandboxLimits:
     max_processes: int = 16
     max_output_bytes: int = 1 << 20
     max_open_files: int = 64
+    max_disk_bytes: int = 16 << 20
 
     def __post_init__(self):
         for name in ("wall_seconds", "cpu_seconds", "memory_bytes", "max_processes", "max_output_bytes",
-                     "max_open_files"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+                     "max_open_files", "max_disk_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"SandboxLimits.{name} must be a number > 0, got {value!r}")
+        if self.max_processes < 2:
+            raise ValueError(f"SandboxLimits.max_processes must be >= 2 (the harness and the program), "
+                             f"got {self.max_processes!r}")
+        if self.max_open_files < 16:
+            raise ValueError(f"SandboxLimits.max_open_files must be >= 16 (the harness needs a few), "
+                             f"got {self.max_open_files!r}")
+
+
+@dataclass(frozen=True)
+class TestedProgram:
+    """A program and its tests. ``source`` is untrusted (prompt + completion); ``prelude`` and ``test``
+    are trusted, run by the harness itself: the prelude first (HumanEval: the prompt, which defines the
+    helpers the tests use, such as ``poly``), then ``test``, which must define ``check(candidate)``.
+    The harness calls ``check`` with a stand-in for the program's ``entry_point``; the same stand-in
+    replaces that name for the tests."""
+
+    __test__ = False  # not a pytest test class despite its name
+
+    source: str
+    test: str
+    entry_point: str
+    prelude: str = ""
+
+    def __post_init__(self):
+        for name in ("source", "test", "entry_point", "prelude"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"TestedProgram.{name} must be a str, got {type(getattr(self, name)).__name__}")
+        if not self.entry_point.isidentifier():
+            raise ValueError(f"TestedProgram.entry_point must be a Python identifier, got {self.entry_point!r}")
 
 
 @dataclass
 class ExecutionResult:
-    """How a run ended. ``status``: ``"passed"`` (exit code 0), ``"failed"`` (a non-zero exit or
-    an uncaught exception: a failed assertion, a ``MemoryError``, a refused operation),
-    ``"timeout"`` (wall clock), ``"cpu_limit"``, ``"output_limit"`` or ``"killed"`` (another signal).
-    ``stdout`` and ``stderr`` hold at most ``max_output_bytes`` each."""
+    """How a run ended. ``status``: ``"passed"`` (the harness ran ``check`` and it returned: the only
+    status that counts as a pass), ``"completed"`` (a plain source ran to its end without raising; the
+    program's own claim, forgeable), ``"failed"`` (a test failed, the program raised or ended early, or
+    the sandbox ended without a verdict; ``detail`` says which), ``"timeout"`` (wall clock),
+    ``"cpu_limit"`` or ``"output_limit"``. ``returncode`` is the program process's exit code (minus the
+    signal number) when known. ``stdout`` and ``stderr`` hold at most ``max_output_bytes`` each."""
 
     status: str
     returncode: int | None
     stdout: str
     stderr: str
     seconds: float
+    detail: str = ""
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
 
 
-# Runs before the program, inside the sandboxed interpreter: limits first, then the audit hook.
-_BOOT = r"""
-import os, resource, sys
-cpu, memory, nproc, fsize, nofile = (int(v) for v in sys.argv[1:6])
-# The CPU hard limit is one second above the soft one, so the soft limit ends the run with SIGXCPU.
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-for which, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_FSIZE, fsize),
-                     (resource.RLIMIT_NOFILE, nofile), (resource.RLIMIT_CORE, 0)):
-    resource.setrlimit(which, (value, value))
-ROOT = os.path.realpath(os.getcwd())
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-PATH_EVENTS = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1, "os.chown": 1, "os.truncate": 1,
-               "os.utime": 1, "os.rename": 2, "os.link": 2, "os.symlink": 2, "shutil.rmtree": 1,
-               "os.setxattr": 1, "os.removexattr": 1, "shutil.copyfile": 2, "shutil.move": 2}
-REFUSED = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "os.startfile",
-           "ctypes.dlopen", "ctypes.dlsym", "socket.connect", "socket.bind", "socket.sendto", "socket.getaddrinfo")
-
-def inside(path, realpath=os.path.realpath, fspath=os.fspath, prefix=ROOT + os.sep, root=ROOT):
-    if isinstance(path, int):
-        return True
-    try:
-        resolved = realpath(fspath(path))
-    except Exception:
-        return False
-    if isinstance(resolved, bytes):
-        resolved = resolved.decode("utf-8", "surrogateescape")
-    return resolved == root or resolved.startswith(prefix)
-
-def hook(event, args, inside=inside, WRITE_FLAGS=WRITE_FLAGS, PATH_EVENTS=PATH_EVENTS, REFUSED=REFUSED):
-    if event == "open":
-        path, mode, flags = args
-        writes = (mode is not None and any(c in str(mode) for c in "wax+")) or (flags & WRITE_FLAGS)
-        if writes and not inside(path):
-            raise PermissionError(f"sandbox: writing {path!r} outside the working directory is not allowed")
-    elif event in PATH_EVENTS:
-        for path in args[:PATH_EVENTS[event]]:
-            if not inside(path):
-                raise PermissionError(f"sandbox: {event} on {path!r} outside the working directory is not allowed")
-    elif event.startswith(REFUSED):
-        raise PermissionError(f"sandbox: {event} is not allowed")
-
-sys.addaudithook(hook)
-import runpy
-sys.argv = ["main.py"]
-runpy.run_path("main.py", run_name="__main__")
-"""
-
-
-def _world_executable(path: str) -> bool:
-    """Whether any user may run ``path``: every directory on the way is world-searchable."""
+# ---------------------------------------------------------------------------------------- set-up
+def _reachable_by_anyone(path: str) -> bool:
+    """Whether an unprivileged user may run ``path``: world-executable, every directory world-searchable."""
     real = Path(os.path.realpath(path))
-    if not real.is_file() or not real.stat().st_mode & stat.S_IXOTH:
+    try:
+        if not real.is_file() or not real.stat().st_mode & stat.S_IXOTH:
+            return False
+        return all(p.stat().st_mode & stat.S_IXOTH for p in real.parents)
+    except OSError:
         return False
-    return all(p.stat().st_mode & stat.S_IXOTH for p in real.parents)
 
 
-def sandbox_python() -> str:
+def sandbox_python(as_root: bool | None = None) -> str:
     """The interpreter for sandboxed runs: this one, or (as root, when this one sits in a private
     directory such as ``/root``) a system ``python3`` that an unprivileged user can run."""
     override = os.environ.get("REWEIGHTING_SANDBOX_PYTHON")
     if override:
         return override
-    if os.geteuid() != 0 or _world_executable(sys.executable):
-        return sys.executable
+    as_root = os.geteuid() == 0 if as_root is None else as_root
+    own = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    if not as_root or _reachable_by_anyone(own):
+        return own
     for candidate in ("/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3") or ""):
-        if candidate and _world_executable(candidate):
-            return candidate
-    raise RuntimeError(
-        f"running as root, and no Python interpreter reachable by an unprivileged user was found "
-        f"({sys.executable} is in a private directory); set REWEIGHTING_SANDBOX_PYTHON to one"
-    )
+        if candidate and _reachable_by_anyone(candidate):
+            return os.path.realpath(candidate)
+    raise SandboxUnavailable(
+        f"running as root, and no Python interpreter that an unprivileged user can run was found "
+        f"({own} is in a private directory); set REWEIGHTING_SANDBOX_PYTHON to one (standard library only)")
 
 
-class _UidSlot:
-    """An unprivileged user id reserved for one run, exclusive across threads and processes (a file lock)."""
-
-    _local_lock = threading.Lock()
-
-    def __init__(self):
-        self.uid: int | None = None
-        self._file = None
-
-    def __enter__(self) -> _UidSlot:
-        deadline = time.monotonic() + 60
-        while True:
-            with self._local_lock:
-                for uid in range(UID_BASE, UID_BASE + UID_SLOTS):
-                    f = open(_LOCK_DIR / f"reweighting-sandbox-{uid}.lock", "w")  # noqa: SIM115
-                    try:
-                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except OSError:
-                        f.close()
-                        continue
-                    self.uid, self._file = uid, f
-                    return self
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"all {UID_SLOTS} sandbox user ids are busy")
-            time.sleep(0.05)
-
-    def __exit__(self, *exc) -> None:
-        if self._file is not None:
-            self._file.close()  # releases the lock
+def _python_root(python: str) -> str | None:
+    """The installation directory to bind for ``python`` (``<prefix>`` of ``<prefix>/bin/pythonX``), or
+    ``None`` when it lives under ``/usr``, which is bound anyway."""
+    real = Path(os.path.realpath(python))
+    if real.is_relative_to("/usr"):
+        return None
+    return str(real.parent.parent)
 
 
-def _nogroup() -> int:
+def _bwrap() -> str:
+    found = shutil.which("bwrap", path="/usr/bin:/bin:/usr/local/bin:/usr/sbin:/sbin")
+    if found is None:
+        raise SandboxUnavailable(f"the sandbox needs bubblewrap (`bwrap`), which is not installed: {_INSTALL_HINT}")
+    return found
+
+
+def _bwrap_args(python: str, limits: SandboxLimits) -> list[str]:
+    args = [_bwrap(), "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+            "--as-pid-1", "--cap-drop", "ALL", "--uid", str(_INSIDE_UID), "--gid", str(_INSIDE_UID), "--clearenv",
+            "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", _WORKDIR, "--setenv", "TMPDIR", "/tmp",
+            "--setenv", "LANG", "C.UTF-8", "--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/lib", "/lib64", "/lib32", "/libx32", "/sbin"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    root = _python_root(python)
+    if root is not None:
+        args += ["--ro-bind", root, root]
+    size = str(int(limits.max_disk_bytes))
+    args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
+             "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+             "--size", size, "--perms", "0700", "--tmpfs", "/tmp",
+             "--size", size, "--perms", "0700", "--tmpfs", _WORKDIR,
+             "--remount-ro", "/", "--chdir", _WORKDIR]
+    return args
+
+
+def _identity() -> dict:
+    """``subprocess.Popen`` arguments that drop root to the sandbox's own user and group (none otherwise)."""
+    if os.geteuid() != 0:
+        return {}
+    return {"user": UID_BASE, "group": UID_BASE, "extra_groups": []}
+
+
+_probe_lock = threading.Lock()
+_probe_result: dict[tuple, str | None] = {}
+
+
+def isolation_available() -> tuple[bool, str]:
+    """Whether the bubblewrap sandbox starts on this machine, and if not, why (with how to fix it)."""
     try:
-        return pwd.getpwnam("nobody").pw_gid
-    except KeyError:
-        return 65534
+        python = sandbox_python()
+        key = (python, os.geteuid(), UID_BASE)
+        with _probe_lock:
+            if key not in _probe_result:
+                args = _bwrap_args(python, SandboxLimits()) + [python, "-I", "-S", "-B", "-c", "print('ok')"]
+                try:
+                    done = subprocess.run(args, capture_output=True, timeout=60, cwd="/", env={}, **_identity())
+                    ok = done.returncode == 0 and done.stdout.strip() == b"ok"
+                    _probe_result[key] = None if ok else (
+                        f"bwrap failed (exit {done.returncode}): {done.stderr.decode(errors='replace').strip()}")
+                except (OSError, subprocess.SubprocessError) as err:
+                    _probe_result[key] = f"bwrap could not be started: {err}"
+            reason = _probe_result[key]
+    except SandboxUnavailable as err:
+        return False, str(err)
+    if reason is not None:
+        return False, f"the operating-system sandbox does not start on this machine: {reason}; {_INSTALL_HINT}"
+    return True, ""
 
 
-def _kill_user(uid: int, gid: int) -> None:
-    """Kill every process of ``uid``: a child takes that identity and signals all its processes at once."""
-    pid = os.fork()
-    if pid == 0:  # only async-signal-safe calls here: the parent may have threads
-        try:
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            os.kill(-1, signal.SIGKILL)
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
+# ---------------------------------------------------------------------------------------- one run
+def _spec(program: str | TestedProgram, limits: SandboxLimits) -> dict:
+    limit_values = {k: int(v) for k, v in asdict(limits).items() if k != "wall_seconds"}
+    if isinstance(program, TestedProgram):
+        return {"kind": "tested", "source": program.source, "prelude": program.prelude, "test": program.test,
+                "entry_point": program.entry_point, "run_name": "__candidate__", "limits": limit_values}
+    if isinstance(program, str):
+        return {"kind": "script", "source": program, "run_name": "__main__", "limits": limit_values}
+    raise TypeError(f"program must be a TestedProgram or a str of Python source, got {type(program).__name__}")
 
 
 def _user_process_count() -> int:
-    uid = os.getuid()
-    count = 0
+    uid, count = os.getuid(), 0
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                if entry.stat().st_uid == uid:
-                    count += 1
+                count += entry.stat().st_uid == uid
             except OSError:
                 pass
     return count
 
 
-def _read_capped(path: Path, cap: int) -> str:
-    with open(path, "rb") as f:
-        return f.read(cap).decode("utf-8", errors="replace")
+def _drain(proc: subprocess.Popen, verdict_r: int, deadline: float, cap: int) -> tuple[bytes, bytes, bytes, str]:
+    """Read the sandbox's output and verdict through pipes until they close, the wall clock runs out or
+    the output passes ``cap``; ``how`` is ``""``, ``"timeout"`` or ``"output_limit"``."""
+    out, err, verdict = bytearray(), bytearray(), bytearray()
+    targets = {proc.stdout.fileno(): (out, cap), proc.stderr.fileno(): (err, cap), verdict_r: (verdict, 1 << 16)}
+    how = ""
+    with selectors.DefaultSelector() as sel:
+        for fd in targets:
+            sel.register(fd, selectors.EVENT_READ)
+        while sel.get_map() and not how:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                how = "timeout"
+                break
+            for key, _ in sel.select(left):
+                data = os.read(key.fd, 1 << 16)
+                if not data:
+                    sel.unregister(key.fd)
+                    continue
+                buf, limit = targets[key.fd]
+                buf += data[: max(0, limit - len(buf))]
+                if len(buf) >= limit and key.fd != verdict_r:
+                    how = "output_limit"
+    return bytes(out), bytes(err), bytes(verdict), how
 
 
-def run_program(source: str, limits: SandboxLimits | None = None) -> ExecutionResult:
-    """Run the Python program ``source`` in the sandbox and report how it ended (never raises for
-    anything the program does)."""
-    limits = limits or SandboxLimits()
-    as_root = os.geteuid() == 0
-    workdir = Path(tempfile.mkdtemp(prefix="reweighting-sandbox-"))
-    slot = _UidSlot() if as_root else None
-    try:
-        (workdir / "main.py").write_text(source)
-        kwargs: dict = {}
-        if slot is not None:
-            slot.__enter__()
-            gid = _nogroup()
-            os.chown(workdir, slot.uid, gid)
-            os.chown(workdir / "main.py", slot.uid, gid)
-            kwargs = {"user": slot.uid, "group": gid, "extra_groups": []}
-            nproc = limits.max_processes
-        else:
-            # RLIMIT_NPROC counts every process of the user, so leave room for those already running.
-            nproc = _user_process_count() + limits.max_processes
-        os.chmod(workdir, 0o700)
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(workdir), "TMPDIR": str(workdir),
-               "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
-        args = [sandbox_python(), "-I", "-S", "-B", "-c", _BOOT, str(int(limits.cpu_seconds)),
-                str(int(limits.memory_bytes)), str(int(nproc)), str(int(limits.max_output_bytes)),
-                str(int(limits.max_open_files))]
-        out_path, err_path = workdir / ".stdout", workdir / ".stderr"
-        start = time.perf_counter()
-        timed_out = False
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(args, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True, close_fds=True, **kwargs)
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill the sandbox: ``bwrap`` first; its child (the harness, pid 1 of the sandbox) dies with it
+    (``--die-with-parent``), and with pid 1 the kernel ends every process of the namespace."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
             try:
-                proc.wait(timeout=limits.wall_seconds)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
-                if slot is not None:
-                    _kill_user(slot.uid, gid)
-                proc.wait()
+                proc.kill()
+            except OSError:
+                pass
+    proc.wait()
+
+
+def run_program(program: str | TestedProgram, limits: SandboxLimits | None = None, *,
+                isolation: str = "bwrap") -> ExecutionResult:
+    """Run ``program`` in the sandbox and report how it ended. Never raises for anything the program
+    does; raises :class:`SandboxUnavailable` when the sandbox cannot start (unless
+    ``isolation="none-unsafe"``, see the module docstring)."""
+    limits = limits or SandboxLimits()
+    if not isinstance(limits, SandboxLimits):
+        raise TypeError(f"limits must be a SandboxLimits, got {type(limits).__name__}")
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
+    spec = _spec(program, limits)
+    if isolation == "bwrap":
+        ok, reason = isolation_available()
+        if not ok:
+            raise SandboxUnavailable(reason)
+        python = sandbox_python()
+        prefix, identity, cwd = _bwrap_args(python, limits), _identity(), "/"
+    else:
+        python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+        prefix, identity = [], {}
+        cwd = tempfile.mkdtemp(prefix="reweighting-unsafe-")
+        if os.geteuid() != 0:
+            # Without a user namespace RLIMIT_NPROC counts every process of the user: leave room for those.
+            spec["limits"]["max_processes"] += _user_process_count()
+    token = secrets.token_hex(32).encode("ascii")
+    spec_fd = os.memfd_create("reweighting-sandbox-spec")
+    verdict_r, verdict_w = os.pipe()
+    try:
+        data = json.dumps(spec).encode("utf-8")
+        while data:
+            data = data[os.write(spec_fd, data):]
+        os.lseek(spec_fd, 0, os.SEEK_SET)
+        args = prefix + [python, "-I", "-S", "-B", "-c", _HARNESS, str(verdict_w), str(spec_fd)]
+        start = time.perf_counter()
+        deadline = time.monotonic() + limits.wall_seconds
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                pass_fds=(verdict_w, spec_fd), cwd=cwd, env={"LANG": "C.UTF-8"},
+                                start_new_session=True, **identity)
+        os.close(verdict_w)
+        verdict_w = -1
+        try:
+            try:
+                proc.stdin.write(token)
+                proc.stdin.close()
+            except OSError:
+                pass
+            out, err, raw, how = _drain(proc, verdict_r, deadline, limits.max_output_bytes)
+        finally:
+            _kill(proc)
+            proc.stdout.close()
+            proc.stderr.close()
         seconds = time.perf_counter() - start
-        code = proc.returncode
-        if timed_out:
-            status = "timeout"
-        elif code == 0:
-            status = "passed"
-        elif code == -signal.SIGXCPU:
-            status = "cpu_limit"
-        elif code == -signal.SIGXFSZ or max(
-                out_path.stat().st_size, err_path.stat().st_size) >= limits.max_output_bytes:
-            status = "output_limit"  # Python ignores SIGXFSZ: the write fails and the program exits
-        elif code is not None and code < 0:
-            status = "killed"
-        else:
-            status = "failed"
-        return ExecutionResult(status, None if timed_out else code, _read_capped(out_path, limits.max_output_bytes),
-                               _read_capped(err_path, limits.max_output_bytes), seconds)
     finally:
-        if slot is not None:
-            slot.__exit__(None, None, None)
-        shutil.rmtree(workdir, ignore_errors=True)
+        os.close(spec_fd)
+        os.close(verdict_r)
+        if verdict_w >= 0:
+            os.close(verdict_w)
+        if isolation != "bwrap":
+            shutil.rmtree(cwd, ignore_errors=True)  # fd-based and symlink-safe on Linux
+    stdout = out.decode("utf-8", errors="replace")
+    stderr = err.decode("utf-8", errors="replace")
+    verdict = _parse_verdict(raw, token)
+    returncode = verdict.get("returncode") if verdict else None
+    if how:
+        return ExecutionResult(how, returncode, stdout, stderr, seconds,
+                               "wall-clock limit" if how == "timeout" else "output limit")
+    if verdict is None:
+        return ExecutionResult("failed", None, stdout, stderr, seconds,
+                               f"the sandbox ended without a valid verdict (exit {proc.returncode})")
+    return ExecutionResult(verdict["status"], returncode, stdout, stderr, seconds, verdict["detail"])
 
 
-def run_programs(sources: Iterable[str], limits: SandboxLimits | None = None, *, workers: int = 4,
-                 progress: bool = False) -> list[ExecutionResult]:
-    """:func:`run_program` on many programs, ``workers`` at a time (each run is its own process)."""
-    sources = list(sources)
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers!r}")
-    from tqdm.auto import tqdm
+_STATUSES = ("passed", "completed", "failed", "cpu_limit")
+
+
+def _parse_verdict(raw: bytes, token: bytes) -> dict | None:
+    """The harness's verdict if it is well formed and carries exactly this run's token, else ``None``."""
+    try:
+        verdict = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(verdict, dict) or not secrets.compare_digest(str(verdict.get("token", "")),
+                                                                   token.decode("ascii")):
+        return None
+    status, detail, code = verdict.get("status"), verdict.get("detail"), verdict.get("returncode")
+    if status not in _STATUSES or not isinstance(detail, str) or not (code is None or type(code) is int):
+        return None
+    return {"status": status, "detail": detail, "returncode": code}
+
+
+def run_programs(programs: Iterable[str | TestedProgram], limits: SandboxLimits | None = None, *,
+                 workers: int = 4, progress: bool = False, isolation: str = "bwrap") -> list[ExecutionResult]:
+    """:func:`run_program` on many programs, ``workers`` at a time (each run is its own sandbox)."""
+    programs = list(programs)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    for i, program in enumerate(programs):
+        if not isinstance(program, (str, TestedProgram)):
+            raise TypeError(f"programs[{i}] must be a TestedProgram or a str, got {type(program).__name__}")
+    if isolation == "bwrap" and programs:
+        ok, reason = isolation_available()
+        if not ok:
+            raise SandboxUnavailable(reason)
+
+    def one(program):
+        return run_program(program, limits, isolation=isolation)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda s: run_program(s, limits), sources)
-        return list(tqdm(results, total=len(sources), desc="run programs", disable=not progress, leave=False))
+        results = pool.map(one, programs)
+        if not progress:
+            return list(results)
+        from tqdm.auto import tqdm
+
+        return list(tqdm(results, total=len(programs), desc="run programs", leave=False))
 
 
-def humaneval_program(problem: dict, completion: str) -> str:
-    """The program that checks one HumanEval-style completion: prompt, completion, tests, ``check(entry)``."""
+def humaneval_program(problem: dict, completion: str) -> TestedProgram:
+    """The tested program of one HumanEval-style completion: the untrusted source is prompt + completion;
+    the prompt (trusted helpers such as ``poly``) and ``test`` run in the harness, which calls
+    ``check(<entry_point>)``."""
+    if not isinstance(problem, dict):
+        raise TypeError(f"problem must be a dict, got {type(problem).__name__}")
     for key in ("prompt", "test", "entry_point"):
         if key not in problem:
             raise ValueError(f"problem is missing the field {key!r}")
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+        if not isinstance(problem[key], str):
+            raise TypeError(f"problem[{key!r}] must be a str, got {type(problem[key]).__name__}")
+    if not isinstance(completion, str):
+        raise TypeError(f"completion must be a str, got {type(completion).__name__}")
+    return TestedProgram(source=f"{problem['prompt']}{completion}\n", test=problem["test"],
+                         entry_point=problem["entry_point"], prelude=problem["prompt"])
 
 
-def code_reward(programs: Sequence[str], limits: SandboxLimits | None = None, *, workers: int = 4) -> list[float]:
-    """1.0 for each program that runs to completion (its tests pass) in the sandbox, else 0.0."""
-    return [1.0 if r.passed else 0.0 for r in run_programs(programs, limits, workers=workers)]
+def code_reward(programs: Sequence[TestedProgram], limits: SandboxLimits | None = None, *, workers: int = 4,
+                isolation: str = "bwrap") -> list[float]:
+    """1.0 for each program whose tests the harness ran and saw pass (status ``"passed"``), else 0.0."""
+    programs = list(programs)
+    for i, program in enumerate(programs):
+        if not isinstance(program, TestedProgram):
+            raise TypeError(
+                f"code_reward: programs[{i}] must be a TestedProgram (from humaneval_program or "
+                f"TestedProgram(source, test, entry_point)), got {type(program).__name__}; a plain source "
+                f"string cannot be rewarded because its only verdict is its own exit, which it can forge")
+    return [1.0 if r.passed else 0.0 for r in run_programs(programs, limits, workers=workers, isolation=isolation)]
