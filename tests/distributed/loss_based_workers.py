@@ -87,3 +87,66 @@ def on_rank(rank, world):
     zero(losses)
     out["nan_zero_stats"] = zero.stats.as_dict()
     return out  # launch() serialises the tensors by value
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
+               "gather", "scatter", "barrier")
+
+
+def count_collectives(rank, world):
+    """Collectives issued by one rw(...) call, per normalisation and policy (wrapping torch.distributed)."""
+    import torch.distributed as dist
+
+    counter = {"n": 0}
+    originals = {}
+    for name in COLLECTIVES:
+        fn = getattr(dist, name, None)
+        if fn is None:
+            continue
+        originals[name] = fn
+
+        def wrapped(*a, _fn=fn, **k):
+            counter["n"] += 1
+            return _fn(*a, **k)
+        setattr(dist, name, wrapped)
+    x, y = global_batch()
+    sl = my_slice(rank)
+    out = {}
+    try:
+        for normalize in ("minmax", "quantile", "rank"):
+            for strategy in ("linupper", "uniform"):
+                for options in ({}, {"nonfinite": "zero"}):
+                    model = make_model()
+                    r = rw.LossReweighter(strategy, normalize=normalize, **options)
+                    losses = loss_fn(model)((x[sl], y[sl]))
+                    keep = torch.ones_like(losses, dtype=torch.bool)
+                    keep[0] = rank == 0  # rank 1 excludes its first sample
+                    for masked in (False, True):
+                        counter["n"] = 0
+                        loss = r(losses, mask=keep if masked else None)
+                        out[(normalize, strategy, options.get("nonfinite", "raise"), masked)] = counter["n"]
+                        loss.backward(retain_graph=True)
+        # a batch larger than the gather's first buffer: the buffer grows once, on every rank alike
+        big = torch.arange(300.0 + rank)
+        r = rw.LossReweighter("linupper")
+        counter["n"] = 0
+        r(big)
+        out["grow"] = counter["n"]
+        counter["n"] = 0
+        r(big)
+        out["after_grow"] = counter["n"]
+        out["big_weights"] = r.weights(big)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    # a mask across ranks equals one process with the same mask
+    model = make_model()
+    r = rw.LossReweighter("linupper", normalize="rank")
+    losses = loss_fn(model)((x[sl], y[sl]))
+    keep = torch.ones_like(losses, dtype=torch.bool)
+    keep[1] = False
+    losses = torch.where(keep, losses, torch.full_like(losses, float("nan")))  # excluded: any value
+    out["masked_weights"] = r.weights(losses.detach(), mask=keep)
+    out["masked_stats"] = r.stats.as_dict()
+    return out

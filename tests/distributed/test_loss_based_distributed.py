@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import reweighting as rw
 from reweighting.testing import launch
 
 from . import loss_based_workers as W
@@ -42,3 +43,39 @@ def test_a_nan_on_one_rank_raises_on_every_rank(results):
     assert "another rank" in results[0]["nan_error"]
     for r in results:
         assert r["nan_zero_stats"]["n_nonfinite"] == 1 and r["nan_zero_stats"]["n"] == sum(W.SIZES) - 1
+
+
+@pytest.fixture(scope="module")
+def counted():
+    return launch(W.count_collectives, 2)
+
+
+def test_one_collective_per_step_for_every_normalisation_and_policy(counted):
+    # minmax, quantile and rank, tilted or uniform, NaN policy raise or zero, with or without a
+    # mask: the losses are gathered once and the weights, checks and stats computed locally.
+    for r in counted:
+        per_case = {k: v for k, v in r.items() if isinstance(k, tuple)}
+        assert len(per_case) == 24
+        assert set(per_case.values()) == {1}, per_case
+
+
+def test_the_gather_buffer_grows_once_on_every_rank(counted):
+    # 300 and 301 samples exceed the first buffer (256 rows): one retry, agreed by all ranks.
+    assert [r["grow"] for r in counted] == [2, 2]
+    assert [r["after_grow"] for r in counted] == [1, 1]
+    want = rw.LossReweighter("linupper").weights(torch.cat([torch.arange(300.0), torch.arange(301.0)]))
+    torch.testing.assert_close(torch.cat([r["big_weights"] for r in counted]), want)
+
+
+def test_a_mask_over_ranks_equals_one_process(counted):
+    x, y = W.global_batch()
+    model = W.make_model()
+    losses = W.loss_fn(model)((x, y)).detach()
+    keep = torch.ones_like(losses, dtype=torch.bool)
+    keep[[1, W.SIZES[0] + 1]] = False
+    r = rw.LossReweighter("linupper", normalize="rank")
+    want = r.weights(torch.where(keep, losses, torch.full_like(losses, float("nan"))), mask=keep)
+    torch.testing.assert_close(torch.cat([c["masked_weights"] for c in counted]), want)
+    for c in counted:
+        assert c["masked_stats"] == pytest.approx(r.stats.as_dict(), rel=1e-6)
+        assert c["masked_stats"]["n_masked"] == 2 and c["masked_stats"]["n"] == sum(W.SIZES) - 2
