@@ -1,22 +1,120 @@
-"""The ``reweighting`` command line: ``list``, ``reproduce``, ``report`` (and ``qprobe`` when present)."""
+"""The ``reweighting`` command line: ``list``, ``reproduce``, ``report`` (and ``qprobe`` when present).
+
+User errors (a bad option value, a missing or malformed file, a device that is not there) print one
+line, ``reweighting: error: ...``, without a traceback and exit with status 2, as argparse does for
+its own errors; arguments and files are checked before anything slow starts. Set
+``REWEIGHTING_TRACEBACK=1`` to see the traceback of such an error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import math
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .report import build_report
-from .studies import RESULTS_FILE, all_studies, get_study, run_study
+
+__all__ = ["UsageError", "HelpFormatter", "Parser", "build_parser", "main", "check_device", "positive_int",
+           "nonnegative_int", "positive_float", "nonnegative_float", "probability", "run_command"]
 
 # Subcommands that live with their method; each module provides ``add_parser(subparsers)``.
 _EXTRA_COMMANDS = ("reweighting.qprobe.cli",)
 
 
+class UsageError(Exception):
+    """A user error on the command line: reported as one line without a traceback, exit status 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default after its help, except for required options, flags and ``None``
+    defaults (whose meaning the help text itself states)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or isinstance(action.default, bool) \
+                or action.default is argparse.SUPPRESS or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are two lines: the error, and where to find the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see '{self.prog} --help')\n")
+
+
+def _number(kind: Callable[[str], float | int], test: Callable[[float], bool], expected: str):
+    name = "integer" if kind is int else "number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an' if kind is int else 'a'} {name} {expected}, "
+                                             f"got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"expected {'an' if kind is int else 'a'} {name} {expected}, "
+                                             f"got {text}")
+        return value
+
+    parse.__name__ = f"{name} {expected}"
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, ">= 1")
+nonnegative_int = _number(int, lambda v: v >= 0, ">= 0")
+positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "> 0 (finite)")
+nonnegative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, ">= 0 (finite)")
+probability = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def check_device(device: str, option: str = "--device", *, allow_auto: bool = False) -> str:
+    """A device torch knows and this machine has (``cuda`` needs CUDA); ``auto`` when allowed."""
+    if allow_auto and device == "auto":
+        return device
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{option} {device!r} is not a device (expected cpu, cuda, cuda:N"
+                         f"{', auto' if allow_auto else ''})") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{option} {device}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UsageError(f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UsageError(f"{option} {device}: MPS is not available on this machine")
+    elif parsed.type != "cpu":
+        raise UsageError(f"{option} {device!r}: expected cpu, cuda or cuda:N")
+    return device
+
+
+def run_command(args: argparse.Namespace, prog: str = "reweighting") -> int:
+    """Run ``args.func(args)``; user errors become one line on stderr and exit status 2."""
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ValueError, OSError) as err:
+        if os.environ.get("REWEIGHTING_TRACEBACK"):
+            raise
+        message = str(err) or type(err).__name__
+        if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
+            message = f"{err.filename}: {message}"
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
+    from .studies import all_studies
+
     studies = all_studies()
     if not studies:
         print("no studies are registered")
@@ -28,6 +126,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _already_done(folder: Path, quick: bool, seeds: int | None) -> bool:
+    from .studies import RESULTS_FILE
+
     path = folder / RESULTS_FILE
     if not path.exists():
         return False
@@ -36,12 +136,14 @@ def _already_done(folder: Path, quick: bool, seeds: int | None) -> bool:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    try:
-        studies = [get_study(n) for n in args.studies] if args.studies else list(all_studies().values())
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    from .report import build_report
+    from .studies import all_studies, get_study, run_study
+
+    studies = [get_study(n) for n in args.studies] if args.studies else list(all_studies().values())
+    check_device(args.device, allow_auto=True)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     failed = []
     for study in studies:
@@ -51,8 +153,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"[{study.name}] {study.claim}")
         result = run_study(study, quick=args.quick, num_seeds=args.seeds, out_dir=out, device=args.device,
                            show_progress=not args.no_progress)
-        print(f"[{study.name}] claim: {result['verdict']} ({result['seconds']:.0f} s wall, "
-              f"{result['cpu_seconds']:.0f} s CPU)")
+        verdict = "holds" if result["holds"] else "does NOT hold"
+        print(f"[{study.name}] claim {verdict} ({result['seconds']:.0f} s)")
         if not result["holds"]:
             failed.append(study.name)
     report = build_report(out)
@@ -63,30 +165,35 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    if not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is not a folder (run 'reweighting reproduce --out {args.out}' first)")
     print(build_report(Path(args.out)))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reweighting", description="Per-sample reweighting and resampling.")
+    parser = Parser(prog="reweighting", description="Per-sample reweighting and resampling.",
+                    formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"reweighting {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("list", help="list the studies, one line each")
+    p = sub.add_parser("list", help="list the studies, one line each", formatter_class=HelpFormatter)
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("reproduce", help="run studies and write the report")
+    p = sub.add_parser("reproduce", help="run studies and write the report", formatter_class=HelpFormatter)
     p.add_argument("studies", nargs="*", metavar="STUDY", help="studies to run (default: all)")
     p.add_argument("--quick", action="store_true", help="short runs (what the tests use), not the full study")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the study's own)")
-    p.add_argument("--out", default="results", help="output folder (default: results)")
-    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda")
+    p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default: the study's own)")
+    p.add_argument("--out", default="results", help="output folder")
+    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip studies whose results.json exists for the same mode and seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_reproduce)
 
-    p = sub.add_parser("report", help="rebuild report.md from the results in --out")
+    p = sub.add_parser("report", help="rebuild report.md from the results in --out", formatter_class=HelpFormatter)
     p.add_argument("--out", default="results", help="folder holding <study>/results.json")
     p.set_defaults(func=_cmd_report)
 
@@ -103,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch
 
 from .features import Samples, check_prompts
 
-__all__ = ["sample_and_embed", "OpenAICompatible", "RedirectError", "POOLINGS"]
+__all__ = ["sample_and_embed", "OpenAICompatible", "APIError", "RedirectError", "POOLINGS"]
 
 POOLINGS = ("last", "mean", "error")
 
@@ -86,7 +86,11 @@ def sample_and_embed(
                    finish=[["api"] * k for _ in prompts])
 
 
-class RedirectError(RuntimeError):
+class APIError(RuntimeError):
+    """The server could not be reached or answered something other than the OpenAI API's shapes."""
+
+
+class RedirectError(APIError):
     """The server answered with a redirect that the client will not follow (see the module docstring)."""
 
 
@@ -171,13 +175,13 @@ class OpenAICompatible:
                 raw = response.read()
         except urllib.error.HTTPError as err:
             body = err.read()[:500].decode(errors="replace")
-            raise RuntimeError(f"{url} answered HTTP {err.code}: {body}") from err
+            raise APIError(f"{url} answered HTTP {err.code}: {body}") from err
         except urllib.error.URLError as err:
-            raise RuntimeError(f"could not reach {url}: {err.reason}") from err
+            raise APIError(f"could not reach {url}: {err.reason}") from err
         try:
             return json.loads(raw)
         except json.JSONDecodeError as err:
-            raise RuntimeError(f"{url} did not answer JSON: {raw[:200]!r}") from err
+            raise APIError(f"{url} did not answer JSON: {raw[:200]!r}") from err
 
     def sample(self, prompt: str, n: int) -> list[str]:
         """``n`` chat completions of ``prompt``: one request with ``n``, repeated for the completions
@@ -195,10 +199,10 @@ class OpenAICompatible:
             reply = self._post("/chat/completions", payload)
             choices = reply.get("choices") if isinstance(reply, dict) else None
             if not isinstance(choices, list) or not choices:
-                raise RuntimeError(f"{self.base_url}/chat/completions answered without completions: "
+                raise APIError(f"{self.base_url}/chat/completions answered without completions: "
                                    f"{json.dumps(reply)[:200]}")
             if len(choices) > n - len(drawn):
-                raise RuntimeError(f"{self.base_url}/chat/completions returned {len(choices)} completions when "
+                raise APIError(f"{self.base_url}/chat/completions returned {len(choices)} completions when "
                                    f"{n - len(drawn)} were asked for")
             choices = sorted(choices, key=lambda c: c.get("index", 0))
             drawn += [c["message"]["content"] or "" for c in choices]
@@ -214,23 +218,23 @@ class OpenAICompatible:
         reply = self._post("/embeddings", {"model": self.embedding_model, "input": list(texts)})
         data = reply.get("data") if isinstance(reply, dict) else None
         if not isinstance(data, list) or len(data) != len(texts):
-            raise RuntimeError(f"{self.base_url}/embeddings returned {len(data) if isinstance(data, list) else 'no'} "
+            raise APIError(f"{self.base_url}/embeddings returned {len(data) if isinstance(data, list) else 'no'} "
                                f"embeddings for {len(texts)} texts")
         vectors = []
         for i, item in enumerate(sorted(data, key=lambda d: d.get("index", 0))):
             v = torch.tensor(item["embedding"], dtype=torch.float32)
             if v.dim() == 2:  # one vector per token
                 if self.pooling == "error":
-                    raise RuntimeError(f"{self.base_url}/embeddings returned one vector per token "
+                    raise APIError(f"{self.base_url}/embeddings returned one vector per token "
                                        f"({tuple(v.shape)}) for text {i}; choose pooling='last' or 'mean'")
                 if v.shape[0] == 0:
-                    raise RuntimeError(f"{self.base_url}/embeddings returned no token vectors for text {i}")
+                    raise APIError(f"{self.base_url}/embeddings returned no token vectors for text {i}")
                 v = v[-1] if self.pooling == "last" else v.mean(dim=0)
             elif v.dim() != 1:
-                raise RuntimeError(f"{self.base_url}/embeddings returned an embedding of shape {tuple(v.shape)} "
+                raise APIError(f"{self.base_url}/embeddings returned an embedding of shape {tuple(v.shape)} "
                                    f"for text {i}")
             vectors.append(v)
         if len({v.shape[0] for v in vectors}) > 1:
-            raise RuntimeError(f"{self.base_url}/embeddings returned vectors of different sizes "
+            raise APIError(f"{self.base_url}/embeddings returned vectors of different sizes "
                                f"{sorted({v.shape[0] for v in vectors})}")
         return torch.stack(vectors) if vectors else torch.zeros(0, 0)

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..checks import checks_enabled, describe_indices
+
 __all__ = ["QProbe"]
 
 
@@ -56,16 +58,36 @@ class QProbe(nn.Module):
         self.mean.copy_(mean.float())
         self.scale.copy_(scale.float())
 
+    def _check_features(self, features: torch.Tensor) -> None:
+        if not isinstance(features, torch.Tensor):
+            raise TypeError(f"features must be a torch.Tensor [..., {self.dim}], got {type(features).__name__}")
+        if features.dim() == 0 or features.shape[-1] != self.dim:
+            raise ValueError(f"features must have last dimension {self.dim} (the probe's input width), got shape "
+                             f"{tuple(features.shape)}")
+        if features.is_complex() or features.dtype == torch.bool:
+            raise TypeError(f"features must be real floating point, got dtype {features.dtype}")
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if features.shape[-1] != self.dim:
-            raise ValueError(f"features must have last dimension {self.dim}, got shape {tuple(features.shape)}")
+        self._check_features(features)
         x = (features.to(self.mean.dtype) - self.mean) / self.scale
         return self.net(x).squeeze(-1)
 
     @torch.no_grad()
     def score(self, features: torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
-        """Detached float32 ``Q`` for many features, in batches (no graph kept)."""
+        """Detached float32 ``Q`` for many features ``[..., dim] -> [...]``, in batches (no graph kept).
+
+        Features with NaN or infinite values are refused (they would give NaN scores), naming the
+        flat row indices; the check obeys ``reweighting.set_checks``.
+        """
+        self._check_features(features)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         flat = features.reshape(-1, self.dim)
+        if checks_enabled():
+            bad = ~torch.isfinite(flat).all(dim=1)
+            if bool(bad.any()):
+                raise ValueError(f"features has NaN or infinite values at rows {describe_indices(bad)} "
+                                 f"(of features.reshape(-1, {self.dim}))")
         out = torch.cat([self(flat[i:i + batch_size]) for i in range(0, flat.shape[0], batch_size)]) \
             if flat.shape[0] else flat.new_zeros(0)
         return out.reshape(features.shape[:-1]).float()
@@ -83,11 +105,19 @@ class QProbe(nn.Module):
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = (f.metadata() or {}).get("qprobe")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no probe file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = (f.metadata() or {}).get("qprobe")
+        except Exception as err:  # safetensors has its own error type for a file that is not safetensors
+            raise ValueError(f"{path} is not a Q-probe file (not safetensors: {err})") from None
         if meta is None:
             raise ValueError(f"{path} is not a Q-probe file (no 'qprobe' metadata)")
-        shape = json.loads(meta)
-        probe = cls(shape["dim"], shape["hidden"])
-        probe.load_state_dict(load_file(str(path), device=str(map_location)))
+        try:
+            shape = json.loads(meta)
+            probe = cls(shape["dim"], shape["hidden"])
+            probe.load_state_dict(load_file(str(path), device=str(map_location)))
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise ValueError(f"{path} is not a valid Q-probe file: {err}") from None
         return probe

@@ -1,7 +1,6 @@
 import json
 
 import pyarrow.parquet as pq
-import pytest
 
 from reweighting.cli import main
 from reweighting.qprobe import QProbe
@@ -39,7 +38,7 @@ def test_cli_sample_train_select_evaluate_over_an_api(tmp_path, capsys):
     assert "pass@1 (mean reward): 0.2500" in capsys.readouterr().out
 
 
-def test_cli_sample_from_a_local_hugging_face_model(tmp_path):
+def test_cli_sample_from_a_local_hugging_face_model(tmp_path, capsys):
     from .test_features import byte_tokenizer, tiny_model
 
     tokenizer = byte_tokenizer()
@@ -55,14 +54,14 @@ def test_cli_sample_from_a_local_hugging_face_model(tmp_path):
     from safetensors.torch import load_file
 
     assert load_file(tmp_path / "run" / "features.safetensors")["features"].shape == (4, 32)
-    with pytest.raises(ValueError, match="no reward at rows"):
-        main(["qprobe", "train", "--samples", str(tmp_path / "run" / "samples.parquet"),
-              "--features", str(tmp_path / "run" / "features.safetensors"), "--out", str(tmp_path / "p")])
+    assert main(["qprobe", "train", "--samples", str(tmp_path / "run" / "samples.parquet"),
+                 "--features", str(tmp_path / "run" / "features.safetensors"), "--out", str(tmp_path / "p")]) == 2
+    assert "no reward at rows" in capsys.readouterr().err
 
 
-def test_cli_rejects_bad_prompts(tmp_path):
+def test_cli_rejects_bad_prompts(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "no prompt field"}\n')
-    with pytest.raises(ValueError, match="line 1 needs a string field 'prompt'"):
-        main(["qprobe", "sample", "--model", "m", "--api-base", "http://127.0.0.1:9/v1", "--prompts", str(bad),
-              "--out", str(tmp_path / "o")])
+    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt field"}\n')
+    assert main(["qprobe", "sample", "--model", "m", "--api-base", "http://127.0.0.1:9/v1", "--prompts", str(bad),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert f"{bad} line 2 needs a string field 'prompt'" in capsys.readouterr().err
