@@ -391,12 +391,26 @@ class DistributedWeightedSampler(Sampler[int]):
             "num_samples": self.num_samples,
             "replacement": self.replacement,
             "chunk_size": self.chunk_size,
+            "num_replicas": self.num_replicas,
             "table": table_state(self._table),
             "pending": None if self._pending is None else table_state(self._pending),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the world size may differ only if ``position`` is 0."""
+        """Restore a :meth:`state_dict`, also on a different number of ranks when that is exact.
+
+        The state records the world size ``W_saved`` it was saved under. Ranks run in lock-step,
+        so at per-rank position ``p`` the first ``W_saved * p`` positions of the epoch's global
+        sequence (which does not depend on the world size) are consumed. On ``W`` ranks the resume
+        continues at per-rank position ``W_saved * p / W``, which must be a whole number
+        (``ValueError`` otherwise, saying so); at or past the end of the epoch's real draws it
+        starts from 0. A state without ``num_replicas`` (saved before it was recorded) loads only
+        between epochs (``position`` 0); mid-epoch it raises, since its resume point depends on
+        the unknown world size: add ``state["num_replicas"] = <saved world size>`` to load it.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from DistributedWeightedSampler.state_dict(), "
+                            f"got {type(state).__name__}")
         required = ("seed", "epoch", "position", "num_samples", "replacement", "chunk_size", "table")
         missing = [k for k in required if k not in state]
         if missing:
@@ -414,7 +428,32 @@ class DistributedWeightedSampler(Sampler[int]):
         self._table = table_from(state["table"])
         self._pending = None if state.get("pending") is None else table_from(state["pending"])
         position = int(state["position"])
-        if not 0 <= position <= len(self):
-            raise ValueError(f"state position {position} is outside this rank's epoch of {len(self)} indices")
+        saved_world = state.get("num_replicas")
+        if saved_world is None:
+            if position != 0:
+                raise ValueError(
+                    f"state has no 'num_replicas' (it was saved before the world size was recorded) and a "
+                    f"mid-epoch position {position}: where to resume depends on the number of ranks it was "
+                    "saved under; set state['num_replicas'] to that number and load it again"
+                )
+            saved_world = self.num_replicas
+        saved_world = int(saved_world)
+        if saved_world < 1:
+            raise ValueError(f"state num_replicas must be >= 1, got {saved_world}")
+        saved_len = -(-self.num_samples // saved_world)
+        if not 0 <= position <= saved_len:
+            raise ValueError(f"state position {position} is outside the saved epoch of {saved_len} indices per "
+                             f"rank (num_replicas={saved_world})")
+        consumed = saved_world * position  # global positions consumed by all ranks in lock-step
+        if position == saved_len or consumed >= self.num_samples:
+            position = len(self)
+        elif consumed % self.num_replicas:
+            raise ValueError(
+                f"cannot resume exactly on {self.num_replicas} ranks: the state was saved on {saved_world} ranks "
+                f"after {position} indices each ({consumed} of the epoch's global draws), which {self.num_replicas} "
+                "ranks cannot split evenly; resume on a world size that divides it, or at an epoch boundary"
+            )
+        else:
+            position = consumed // self.num_replicas
         self._position = 0 if position == len(self) else position
         self._current = None

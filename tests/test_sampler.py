@@ -200,3 +200,49 @@ def test_ranks_of_a_real_process_group_share_one_draw():
     want = single.global_indices().tolist()
     shards = [s for _, _, s in results]
     assert [shards[p % 2][p // 2] for p in range(46)][:45] == want  # rank 1 pads the 46th draw
+
+
+@pytest.mark.parametrize("replacement", [True, False])
+@pytest.mark.parametrize("new_world", [1, 4, 5])
+def test_resume_on_another_world_size_continues_the_global_sequence(replacement, new_world):
+    # Saved on 2 ranks after 10 indices each: 20 global positions consumed. On 1, 4 or 5 ranks
+    # (each divides 20) the rest of the epoch's global sequence is split as if uninterrupted.
+    weights = torch.rand(90, generator=torch.Generator().manual_seed(8)) + 0.01
+    kwargs = dict(num_samples=80, replacement=replacement, seed=3, chunk_size=16)
+    saved = DistributedWeightedSampler(weights, num_replicas=2, rank=0, **kwargs)
+    it = iter(saved)
+    for _ in range(10):
+        next(it)
+    state = saved.state_dict()
+    assert state["num_replicas"] == 2
+    full = saved.global_indices().tolist()
+    for r in range(new_world):
+        resumed = DistributedWeightedSampler(weights, num_replicas=new_world, rank=r, **kwargs)
+        resumed.load_state_dict(state)
+        want = full[20 + r :: new_world][: len(resumed) - 20 // new_world]
+        assert list(resumed) == want
+
+
+def test_resume_on_a_world_size_that_cannot_split_the_consumed_draws_raises():
+    saved = DistributedWeightedSampler(torch.ones(50), num_replicas=2, rank=1, seed=0)
+    it = iter(saved)
+    for _ in range(5):
+        next(it)
+    with pytest.raises(ValueError, match=r"cannot resume exactly on 3 ranks.* saved on 2 ranks after 5 indices"):
+        DistributedWeightedSampler(torch.ones(50), num_replicas=3, rank=0, seed=0).load_state_dict(saved.state_dict())
+
+
+def test_old_state_without_world_size_loads_only_between_epochs():
+    sampler = DistributedWeightedSampler(torch.ones(50), num_replicas=2, rank=0, seed=0)
+    it = iter(sampler)
+    for _ in range(5):
+        next(it)
+    old = {k: v for k, v in sampler.state_dict().items() if k != "num_replicas"}
+    with pytest.raises(ValueError, match="no 'num_replicas'.*mid-epoch position 5"):
+        DistributedWeightedSampler(torch.ones(50), num_replicas=2, rank=0).load_state_dict(old)
+    fixed = DistributedWeightedSampler(torch.ones(50), num_replicas=2, rank=0)
+    fixed.load_state_dict({**old, "num_replicas": 2})
+    assert fixed.position == 5
+    between = {k: v for k, v in DistributedWeightedSampler(torch.ones(50)).state_dict().items()
+               if k != "num_replicas"}
+    DistributedWeightedSampler(torch.ones(50), num_replicas=2, rank=0).load_state_dict(between)
