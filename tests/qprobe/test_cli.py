@@ -1,6 +1,7 @@
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from reweighting.cli import main
 from reweighting.qprobe import QProbe
@@ -8,12 +9,14 @@ from reweighting.qprobe import QProbe
 from .test_api import loopback_server
 
 
-def test_cli_sample_train_select_evaluate_over_an_api(tmp_path, capsys):
+@pytest.mark.parametrize("llamacpp_like", [False, True])
+def test_cli_sample_train_select_evaluate_over_an_api(tmp_path, capsys, llamacpp_like):
     prompts = tmp_path / "prompts.jsonl"
     # The loopback server answers "<prompt> answer <i>" for i = 0..k-1: sample 1 is the right one.
     prompts.write_text("".join(json.dumps({"prompt": f"question {p}", "answer": 1}) + "\n" for p in range(6)))
     out = tmp_path / "run"
-    with loopback_server() as server:
+    # llama.cpp-like: the server ignores n (so the client repeats with seeds 0..3) and embeds per token.
+    with loopback_server(ignore_n=llamacpp_like, token_embeddings=llamacpp_like) as server:
         port = server.server_address[1]
         assert main(["qprobe", "sample", "--model", "m", "--api-base", f"http://127.0.0.1:{port}/v1",
                      "--prompts", str(prompts), "--k", "4", "--out", str(out)]) == 0
