@@ -330,3 +330,96 @@ def test_finiteness_is_checked_once_per_call(monkeypatch):
     assert calls == [] and rw.checks_enabled()
     rw.LossReweighter("linupper", nonfinite="zero").weights(LOSSES)
     assert calls == [] and rw.checks_enabled()
+
+
+def test_attach_twice_or_step_while_attached_raises_and_detach_restores_manual_steps():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    r = rw.LossReweighter(warmup_steps=3)
+    r.attach(opt)
+    with pytest.raises(RuntimeError, match="already attached"):
+        r.attach(opt)
+    with pytest.raises(RuntimeError, match="already attached"):
+        r.attach(torch.optim.SGD([p], lr=0.1))
+    opt.step()
+    with pytest.raises(RuntimeError, match=r"rw.step\(\) was called while rw.attach"):
+        r.step()
+    assert r.num_steps == 1  # one optimizer step, one count: warm-up ends on time
+    r.detach()
+    opt.step()
+    r.step()
+    assert r.num_steps == 2
+    handle = r.attach(opt)  # attaching again after detach is fine
+    opt.step()
+    handle.remove()
+    r.step()
+    assert r.num_steps == 4
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        r.attach(object())
+
+
+def _grads(model):
+    return torch.cat([q.grad.reshape(-1) for q in model.parameters()])
+
+
+def test_nonfinite_zero_gradient_equals_the_batch_without_the_sample():
+    # A sequence with no labelled token gives a NaN per-sample loss (sequence_loss(empty="nan"));
+    # under nonfinite="zero" it is left out of the weights, of the loss value and of the gradient:
+    # the parameters' gradient is finite and equals that of the batch without it.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x = torch.randn(4, 5, 3)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[2] = False
+    r = rw.LossReweighter("linupper", nonfinite="zero")
+    loss = r(rw.sequence_loss(model(x).squeeze(-1) ** 2, mask, empty="nan"))
+    loss.backward()
+    got = _grads(model)
+    assert torch.isfinite(got).all() and float(r.stats.n_nonfinite) == 1
+    model.zero_grad()
+    keep = [0, 1, 3]
+    want_loss = rw.LossReweighter("linupper")(rw.sequence_loss(model(x[keep]).squeeze(-1) ** 2))
+    want_loss.backward()
+    torch.testing.assert_close(got, _grads(model))
+    torch.testing.assert_close(loss, want_loss)
+
+
+def test_nan_upstream_of_the_loss_needs_masking_at_the_source():
+    # The where-gradient trap: a NaN target makes d loss_i / d prediction_i NaN, and autograd forms
+    # 0 * NaN = NaN however the loss is masked afterwards. The documented remedy: replace the bad
+    # target by a finite placeholder before the loss and exclude the sample with mask=.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(5, 3), torch.randn(5)
+    y[1] = float("nan")
+    r = rw.LossReweighter("linupper", nonfinite="zero")
+    r((model(x).squeeze(1) - y) ** 2).backward()
+    assert torch.isnan(_grads(model)).any()  # what masking the loss alone cannot prevent
+    model.zero_grad()
+    ok = torch.isfinite(y)
+    r((model(x).squeeze(1) - torch.where(ok, y, torch.zeros_like(y))) ** 2, mask=ok).backward()
+    got = _grads(model)
+    model.zero_grad()
+    keep = [0, 2, 3, 4]
+    rw.LossReweighter("linupper")((model(x[keep]).squeeze(1) - y[keep]) ** 2).backward()
+    torch.testing.assert_close(got, _grads(model))
+
+
+def test_mask_excludes_samples_from_weights_loss_and_stats():
+    losses = torch.tensor([1.0, float("nan"), 2.0, 7.0, 5.0], requires_grad=True)
+    keep = torch.tensor([True, False, True, False, True])
+    r = rw.LossReweighter("linupper")
+    w = r.weights(losses, mask=keep)
+    assert w[1] == 0 and w[3] == 0
+    torch.testing.assert_close(w[keep], rw.LossReweighter("linupper").weights(losses[keep].detach()))
+    assert float(r.stats.n_masked) == 2 and float(r.stats.n_dropped) == 2 and float(r.stats.n) == 3
+    assert float(r.stats.n_nonfinite) == 0  # the NaN is masked: not counted as a non-finite loss
+    loss = r(losses, mask=keep)
+    loss.backward()
+    assert torch.isfinite(losses.grad).all() and losses.grad[1] == 0 and losses.grad[3] == 0
+    u = rw.LossReweighter("uniform")
+    torch.testing.assert_close(u(losses, mask=keep), losses[keep].detach().mean())
+    with pytest.raises(ValueError, match="no sample of per_sample_loss is left.* 3 excluded by mask, 0 non-finite"):
+        r.weights(torch.ones(3), mask=torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"NaN values at sample indices \[1\]"):
+        r.weights(losses, mask=torch.ones(5, dtype=torch.bool))

@@ -100,3 +100,51 @@ def test_score_window_states_replay_dropout_for_a_training_pass():
         torch.testing.assert_close(per_sample_loss(mb).detach(), scored)
     # without the replay, dropout draws different masks
     assert not torch.allclose(per_sample_loss(micro[0]).detach(), losses[0])
+
+
+def test_sequence_loss_empty_row_raises_or_is_nan_never_zero():
+    token_loss = torch.tensor([[1.0, 3.0], [2.0, 2.0], [5.0, 7.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1], [0, 0], [1, 0]])
+    with pytest.raises(ValueError, match=r"no real token in sequences \[1\].*empty='nan'"):
+        rw.sequence_loss(token_loss, mask)
+    for out in (rw.sequence_loss(token_loss, mask, empty="nan"), _unchecked_sequence_loss(token_loss, mask)):
+        assert torch.isnan(out[1]) and out[0] == 2.0 and out[2] == 5.0
+    out = rw.sequence_loss(token_loss, mask, empty="nan")
+    torch.where(torch.isfinite(out), out, torch.zeros_like(out)).sum().backward()
+    torch.testing.assert_close(token_loss.grad, torch.tensor([[0.5, 0.5], [0.0, 0.0], [1.0, 0.0]]))
+    with pytest.raises(ValueError, match="empty must be one of"):
+        rw.sequence_loss(token_loss, mask, empty="zero")
+
+
+def _unchecked_sequence_loss(token_loss, mask):
+    with rw.checks(False):
+        return rw.sequence_loss(token_loss, mask)
+
+
+def test_sequence_loss_mask_must_be_binary_and_loss_float():
+    with pytest.raises(ValueError, match=r"mask must hold only 0 and 1.*sequences \[0\]"):
+        rw.sequence_loss(torch.ones(2, 2), torch.tensor([[0.5, 1.0], [1.0, 1.0]]))
+    with pytest.raises(TypeError, match="token_loss must be a floating-point tensor"):
+        rw.sequence_loss(torch.ones(2, 2, dtype=torch.long))
+    torch.testing.assert_close(rw.sequence_loss(torch.tensor([[1.0, 3.0]]), torch.tensor([[True, False]])),
+                               torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("bad, word", [(float("nan"), "NaN"), (float("inf"), "infinite"), (-0.1, "negative")])
+def test_weighted_loss_rejects_nan_inf_and_negative_weights(bad, word):
+    w = torch.tensor([0.5, bad, 0.5])
+    with pytest.raises(ValueError, match=rf"weights must be finite and >= 0, but has {word} values at sample "
+                                         r"indices \[1\]"):
+        rw.weighted_loss(torch.ones(3), w)
+    with rw.checks(False):  # the check is a host read: it obeys set_checks(False)
+        rw.weighted_loss(torch.ones(3), w)
+    with pytest.raises(ValueError, match="all zero"):
+        rw.weighted_loss(torch.ones(3), torch.zeros(3))
+
+
+def test_weighted_loss_leaves_out_zero_weight_samples_even_when_their_loss_is_nan():
+    loss = torch.tensor([1.0, float("nan"), 3.0], requires_grad=True)
+    out = rw.weighted_loss(loss, torch.tensor([0.5, 0.0, 0.5]))
+    out.backward()
+    assert float(out.detach()) == 2.0
+    torch.testing.assert_close(loss.grad, torch.tensor([0.5, 0.0, 0.5]))

@@ -181,3 +181,24 @@ def test_checks_can_be_switched_off():
         w = rw.tilt(s, 1.0)  # no error; the NaN propagates, as documented
     assert torch.isnan(w).any()
     assert rw.checks_enabled()
+
+
+@pytest.mark.parametrize("value", [2.0, 0.1, -3.7e5])
+def test_zscore_of_a_constant_input_is_finite_zeros_and_gives_uniform_weights(value):
+    # The epsilon in the variance: without it, 2.0 (exact mean, zero deviations) gives 0 / 0.
+    x = torch.full((6,), value)
+    s = rw.zscore(x)
+    assert torch.isfinite(s).all() and s.abs().max() < 1e-3
+    torch.testing.assert_close(rw.tilt(-s, 0.5), torch.full((6,), 1 / 6))
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        rw.zscore(x, eps=0.0)
+
+
+@pytest.mark.parametrize("bad, word", [(-0.5, "negative"), (float("nan"), "NaN"), (float("inf"), "infinite")])
+def test_weight_stats_rejects_negative_and_nonfinite_weights(bad, word):
+    with pytest.raises(ValueError, match=rf"weights must be finite and >= 0, but has {word} values at sample "
+                                         r"indices \[2\]"):
+        rw.weight_stats(torch.tensor([0.5, 0.5, bad]))
+    # a masked-out entry is not looked at
+    stats = rw.weight_stats(torch.tensor([0.5, 0.5, bad]), mask=torch.tensor([True, True, False]))
+    assert float(stats.n) == 2 and float(stats.entropy) == pytest.approx(math.log(2))
