@@ -89,25 +89,46 @@ class LossReweighter:
             and clips the rest, so up to 5 % of outliers at either end change nothing else (this needs
             a global batch of more than ~20 samples, or the quantile itself reaches the outlier);
             ``"rank"`` uses ranks and ignores loss magnitudes altogether. Prefer one of these on
-            web-scale or noisy data, or when the loss distribution has a long tail. Both gather the
-            global batch's losses (one small host sync per step).
+            web-scale or noisy data, or when the loss distribution has a long tail. Every
+            normalisation costs the same one gather per step under ``torch.distributed``.
         accumulation: ``"micro"`` (the paper's behaviour) normalises over each micro-batch;
             ``"global"`` normalises over the whole gradient-accumulation window (see :meth:`accumulate`).
         nonfinite: ``"raise"`` (default): a NaN or infinite loss raises ``ValueError`` naming the
-            sample indices, on every rank. ``"zero"``: such samples get weight 0, are left out of the
-            normalisation and of the returned loss, and are counted in ``stats.n_nonfinite``.
+            sample indices (and ranks), on every rank. ``"zero"``: such samples get weight 0, are
+            left out of the normalisation and of the returned loss (``torch.where``, so the
+            gradient reaching their ``per_sample_loss`` entry is exactly 0), and are counted in
+            ``stats.n_nonfinite``. The parameters' gradient then equals that of the batch without
+            them **when the non-finite value arises after the last op with a finite derivative**,
+            e.g. ``sequence_loss(..., empty="nan")``. If it comes from upstream (a NaN or infinite
+            input, target or activation, ``log(0)``, an fp16 overflow), autograd multiplies the 0
+            reaching the loss by a non-finite local derivative, ``0 * NaN = NaN``, and no masking of
+            the loss can undo that (the ``torch.where`` gradient trap). Then exclude the samples at
+            the source: replace their inputs or targets by finite placeholders with ``torch.where``
+            before the forward and pass ``mask=`` (see ``__call__``); or keep ``"raise"`` and skip
+            the batch.
         warmup_temperature: if given, warm-up uses the strategy at this (large) temperature instead
             of uniform weights (the paper's alternative, e.g. 100).
         group: the ``torch.distributed`` process group of the data-parallel ranks (default: all).
 
-    ``rw(per_sample_loss)`` returns the weighted loss (a float32 scalar with a graph);
-    ``rw.weights(per_sample_loss)`` the detached float32 weights of this rank's samples (they sum
-    to 1 over all ranks); ``rw.stats`` the :class:`~reweighting.WeightStats` of the last weights
-    (effective sample size, entropy, max/min ratio, non-finite count), identical on every rank.
+    ``rw(per_sample_loss, mask=None)`` returns the weighted loss (a float32 scalar with a graph);
+    ``rw.weights(per_sample_loss, mask=None)`` the detached float32 weights of this rank's samples
+    (they sum to 1 over all ranks); ``rw.stats`` the :class:`~reweighting.WeightStats` of the last
+    weights (effective sample size, entropy, max/min ratio, non-finite and masked counts),
+    identical on every rank. ``mask`` (bool ``[B]``, True = takes part) excludes samples such as
+    sequences with no labelled token: weight 0, no part in any statistic, any value allowed.
+
+    **Cost under torch.distributed**: one collective per call, an ``all_gather`` of every rank's
+    losses and exclusion flags (a few KB, with the per-rank sizes embedded), after which the
+    normalisation, the NaN check and the statistics are computed locally, identically on every
+    rank, for every ``normalize`` and policy. The gather's buffer holds 256 samples per rank at
+    first; a larger batch grows it once (one extra gather, agreed by all ranks). Reading the
+    per-rank sizes is one small host read per call.
 
     **The step counter** counts optimizer steps; it drives warm-up and is all the state there is.
     Call ``rw.step()`` once after each ``optimizer.step()``, or ``rw.attach(optimizer)`` once to
-    have the optimizer call it. Save ``rw.state_dict()`` with the model and optimizer.
+    have the optimizer call it (not both: ``step()`` while attached, or a second ``attach``,
+    raises ``RuntimeError``, since either would count two steps per optimizer step). Save
+    ``rw.state_dict()`` with the model and optimizer.
 
     **In a DDP loop** (``torchrun``; the same code runs unchanged in one process)::
 
@@ -122,7 +143,7 @@ class LossReweighter:
     The returned value on each rank is ``world_size * sum_{i on this rank} w_i l_i`` so that DDP's
     averaging gives the global weighted sum; per-rank batch sizes may differ. The average of the
     values over ranks is the global weighted loss (log ``loss`` reduced with a mean, as usual).
-    Every rank must call ``rw(...)`` (it runs collectives).
+    Every rank must call ``rw(...)`` (it runs a collective).
 
     **With gradient accumulation** over ``K`` micro-batches:
 
@@ -362,7 +383,17 @@ class LossReweighter:
         """The weighted loss ``sum_i w_i l_i`` over the global batch (see the class docstring for DDP).
 
         With uniform weights (``strategy="uniform"`` or warm-up) this is ``per_sample_loss.mean()``
-        in one process and the global mean over ranks under ``torch.distributed``.
+        in one process and the global mean over ranks under ``torch.distributed`` (over the
+        samples that take part when some are excluded).
+
+        ``mask`` (bool ``[B]``) excludes samples, as in :meth:`weights`. To leave out a sample
+        whose loss is NaN because of a bad input or target, mask it at the source so that no
+        non-finite value enters the graph::
+
+            ok = torch.isfinite(y)
+            loss = rw((model(x) - torch.where(ok, y, 0.0)) ** 2, mask=ok)
+
+        The gradient is then exactly that of the batch without those samples.
         """
         if self.accumulation == "global":
             if self._calls_since_step >= 1:
