@@ -15,7 +15,7 @@ import torch
 
 __all__ = ["set_checks", "checks_enabled", "checks", "check_batch", "check_finite", "check_temperature",
            "check_nonnegative_weights", "check_same_length", "describe_indices", "check_mask",
-           "check_positive_number", "check_choice", "check_weight_values"]
+           "check_positive_number", "check_choice", "check_weight_values", "check_count"]
 
 _ENABLED = True
 
@@ -143,3 +143,17 @@ def check_weight_values(w: torch.Tensor, name: str, require_positive: bool) -> N
         raise ValueError(f"{name} must be finite and >= 0, but has {'; '.join(parts)}")
     if require_positive and not flags[1]:
         raise ValueError(f"{name} are all zero: at least one sample needs a positive weight")
+
+
+def check_count(value: object, name: str, minimum: int = 0) -> int:
+    """An integer ``>= minimum`` (a whole float such as ``3.0`` is accepted); returns it as ``int``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+        isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point()
+    ):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    n = int(value)
+    if n < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return n

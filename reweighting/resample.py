@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import distributed as D
-from .checks import check_nonnegative_weights
+from .checks import check_choice, check_count, check_nonnegative_weights, check_positive_number
 
 __all__ = [
     "multinomial_resample",
@@ -24,7 +24,12 @@ __all__ = [
 ]
 
 
+RESAMPLE_METHODS = ("multinomial", "systematic")
+
+
 def _probabilities(weights: torch.Tensor) -> torch.Tensor:
+    if isinstance(weights, torch.Tensor) and not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating-point tensor, got dtype {weights.dtype}")
     check_nonnegative_weights(weights, "weights")
     w = weights.detach().double()
     return w / w.sum()
@@ -38,9 +43,7 @@ def multinomial_resample(
     ``num_samples`` defaults to the batch size. Returns a long tensor of shape ``[num_samples]``.
     """
     p = _probabilities(weights)
-    n = p.shape[0] if num_samples is None else int(num_samples)
-    if n <= 0:
-        raise ValueError(f"num_samples must be > 0, got {num_samples!r}")
+    n = p.shape[0] if num_samples is None else check_count(num_samples, "num_samples", 1)
     return torch.multinomial(p.float(), n, replacement=True, generator=generator)
 
 
@@ -54,9 +57,7 @@ def systematic_resample(
     Returns sorted indices of shape ``[num_samples]``.
     """
     p = _probabilities(weights)
-    n = p.shape[0] if num_samples is None else int(num_samples)
-    if n <= 0:
-        raise ValueError(f"num_samples must be > 0, got {num_samples!r}")
+    n = p.shape[0] if num_samples is None else check_count(num_samples, "num_samples", 1)
     u = torch.rand((), generator=generator, dtype=torch.float64,
                    device=p.device if generator is None else generator.device)
     points = (u.to(p.device) + torch.arange(n, dtype=torch.float64, device=p.device)) / n
@@ -82,6 +83,13 @@ def resample_counts(
     state (same seed, same number of previous draws) so that all draw the same indices. Gathers
     the weights over ranks (one host sync).
     """
+    check_choice(method, "method", RESAMPLE_METHODS)
+    if num_samples is not None:
+        check_count(num_samples, "num_samples", 1)
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
+    if weights.dim() != 1:
+        raise ValueError(f"weights must be 1-d (one value per sample), got shape {tuple(weights.shape)}")
     everything, offset = D.all_gather_uneven(weights.detach(), group)
     if method == "multinomial":
         idx = multinomial_resample(everything, num_samples, generator=generator)
@@ -107,11 +115,9 @@ def dirichlet_weights(
     (``Gamma(a) = Gamma(a + 1) * U^(1 / a)``) so that draws with ``alpha -> 0`` stay finite and
     become one-hot instead of collapsing to 0 / 0.
     """
+    check_positive_number(alpha, "alpha")
     alpha = float(alpha)
-    if not alpha > 0 or alpha == float("inf"):
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    if int(num_draws) <= 0:
-        raise ValueError(f"num_draws must be > 0, got {num_draws!r}")
+    num_draws = check_count(num_draws, "num_draws", 1)
     mu = _probabilities(weights)
     positive = mu > 0
     concentration = (alpha * mu[positive]).expand(int(num_draws), -1).contiguous()

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Sampler
 
 from . import distributed as D
-from .checks import check_nonnegative_weights
+from .checks import check_count, check_nonnegative_weights, checks_enabled
 
 __all__ = ["AliasTable", "DistributedWeightedSampler"]
 
@@ -81,6 +81,11 @@ class AliasTable:
         item when the fraction is below ``prob[bucket]``, otherwise its alias. A float64 uniform has
         53 random bits, of which ``log2 n`` pick the bucket and the rest (26 at 10^8 items) the coin.
         """
+        if not isinstance(u, torch.Tensor) or not u.is_floating_point():
+            raise TypeError(f"u must be a floating-point tensor of uniforms in [0, 1), got "
+                            f"{type(u).__name__ if not isinstance(u, torch.Tensor) else u.dtype}")
+        if checks_enabled() and u.numel() and bool(((u < 0) | ~(u < 1)).any()):
+            raise ValueError(f"u must lie in [0, 1), got values from {float(u.min())} to {float(u.max())}")
         n = len(self)
         x = u.to(torch.float64) * n
         bucket = x.long().clamp_(max=n - 1)
@@ -92,9 +97,8 @@ class AliasTable:
 
     def sample(self, num_samples: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """``num_samples`` i.i.d. indices (int64), ``O(1)`` each."""
-        if int(num_samples) < 0:
-            raise ValueError(f"num_samples must be >= 0, got {num_samples!r}")
-        u = torch.rand(int(num_samples), dtype=torch.float64, generator=generator, device=self.table.device)
+        num_samples = check_count(num_samples, "num_samples", 0)
+        u = torch.rand(num_samples, dtype=torch.float64, generator=generator, device=self.table.device)
         return self.from_uniform(u)
 
     def probabilities(self) -> torch.Tensor:
@@ -240,16 +244,17 @@ class DistributedWeightedSampler(Sampler[int]):
         rank: int | None = None,
         chunk_size: int = 1 << 16,
     ) -> None:
-        self.num_replicas = D.world_size() if num_replicas is None else int(num_replicas)
-        self.rank = D.rank() if rank is None else int(rank)
+        self.num_replicas = D.world_size() if num_replicas is None else check_count(num_replicas, "num_replicas")
+        self.rank = D.rank() if rank is None else check_count(rank, "rank")
         if self.num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {num_replicas!r}")
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"rank must be in [0, {self.num_replicas}), got {rank!r}")
-        if int(chunk_size) < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+        check_count(chunk_size, "chunk_size", 1)
+        if isinstance(replacement, str) or replacement not in (True, False):
+            raise TypeError(f"replacement must be True or False, got {type(replacement).__name__} {replacement!r}")
         self.replacement = bool(replacement)
-        self.seed = int(seed)
+        self.seed = check_count(seed, "seed", -(2**63))
         self.chunk_size = int(chunk_size)
         self.epoch = 0
         self._position = 0  # indices this rank had yielded in the current epoch when the current list began
@@ -266,9 +271,7 @@ class DistributedWeightedSampler(Sampler[int]):
             weights = torch.as_tensor(weights, dtype=torch.float64)
         check_nonnegative_weights(weights, "weights")
         n = weights.shape[0]
-        num = n if self._num_samples_arg is None else int(self._num_samples_arg)
-        if num <= 0:
-            raise ValueError(f"num_samples must be > 0, got {self._num_samples_arg!r}")
+        num = n if self._num_samples_arg is None else check_count(self._num_samples_arg, "num_samples", 1)
         if self.replacement:
             return AliasTable(weights), num
         positive = int((weights > 0).sum())
@@ -294,7 +297,7 @@ class DistributedWeightedSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose draw the next iteration yields (call before each epoch, same on every rank)."""
-        epoch = int(epoch)
+        epoch = check_count(epoch, "epoch", 0)
         if epoch != self.epoch:
             self.epoch = epoch
             self._position, self._current = 0, None

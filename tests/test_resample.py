@@ -81,7 +81,7 @@ def test_bad_weights_raise(fn):
         fn(torch.tensor([1.0, float("nan")]))
     with pytest.raises(ValueError, match="empty"):
         fn(torch.tensor([]))
-    with pytest.raises(ValueError, match="num_samples must be > 0"):
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
         fn(torch.ones(2), 0)
 
 
