@@ -22,30 +22,56 @@ analogues) from the same stored tensors and adds it to ``.grad`` without a secon
 Parameters that no rule covers (of modules without a rule, or used by one) are updated by a
 second backward of ``sum_i w_i l_i`` restricted to them; :meth:`norms` then keeps the graph.
 
+Every use of a parameter is accounted for. Besides module calls, ``F.linear`` calls on a tracked
+weight made outside its module (a tied output layer ``F.linear(h, wte.weight)``) are captured as
+uses of their own, and ``nn.MultiheadAttention`` has a call rule. :meth:`norms` then walks the
+autograd graph of the losses and compares, per parameter, the uses autograd recorded with those a
+rule saw; any other use (another functional op on the weight, a ``torch.compile``'d region,
+reentrant activation checkpointing) raises naming the parameter and what to do, rather than
+giving a wrong norm. Non-reentrant checkpointing (``use_reentrant=False``) works as it is.
+``torch.compile`` is detected and refused: pass the eager model (``compiled._orig_mod``).
+
 Under ``torch.distributed`` the gradients written by :meth:`weighted_backward` are summed over
-ranks (with weights normalised over the global batch this is the global ``sum_i w_i grad l_i``).
-With DDP, run the forward under ``ddp_model.no_sync()`` (or capture the inner module) so that
-DDP does not expect a backward of its own.
+ranks (with weights normalised over the global batch this is the global ``sum_i w_i grad l_i``):
+one all-reduce of all plain gradients, and for ``DTensor`` parameters (FSDP2's ``fully_shard``)
+a reduce-scatter into gradients of the parameter's own placement. Every rank contributes every
+parameter (zeros where a module did not run there), so ranks that use different modules stay
+in step. With DDP, run the forward under ``ddp_model.no_sync()`` (or capture the inner module)
+so that DDP does not expect a backward of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from .. import distributed as D
 from ..checks import check_batch, check_finite, check_same_length
 from .factors import Factor, OuterFactor, sq_norms, tied_sq_norms
-from .layers import COVERED, RULES, mixes_samples, refusal, rule_for
+from .layers import COVERED, RULES, call_rule_for, covered_names, mixes_samples, refusal, rule_for
+from .layers.linear import linear as _linear_rule
 from .reference import batched_autograd_grads
 
 __all__ = ["SelfInfluence", "microbatch_sizes"]
 
 UNSUPPORTED = ("raise", "reference")
+REENTRANT = (
+    "reentrant activation checkpointing (torch.utils.checkpoint.checkpoint(..., use_reentrant=True)) runs the "
+    "checkpointed layers without a graph, so their per-sample gradients cannot be formed: use use_reentrant=False "
+    "(Hugging Face: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))"
+)
+COMPILED = (
+    "torch.compile'd code uses the parameters inside one compiled graph, where the per-layer hooks cannot see them: "
+    "give SelfInfluence the eager model (compiled._orig_mod) and run it uncompiled inside capture() (compile only "
+    "code that holds no tracked parameter, e.g. the loss on the logits)"
+)
 
 
 def microbatch_sizes(batch: int, microbatches: int) -> list[int]:
@@ -60,13 +86,61 @@ def _own_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
 
 
+def _rule_params(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable parameters a module's rule answers for: its own, or its subtree's for a call rule."""
+    if call_rule_for(module) is not None:
+        return {n: p for n, p in module.named_parameters() if p.requires_grad}
+    return _own_trainable(module)
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+        return True
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
 @dataclass
 class _Call:
     name: str
-    module: nn.Module
-    activation: torch.Tensor
-    output: torch.Tensor
-    version: int
+    module: nn.Module | types.SimpleNamespace
+    params: dict[str, nn.Parameter]  # rule's parameter names -> the engine's (canonical) parameters
+    outputs: list[torch.Tensor]  # the call's outputs that carry gradient, in the rule's order
+    versions: list[int]
+    stops: set = field(default_factory=set)  # grad_fn nodes of the call's inputs: where its own graph ends
+    activation: torch.Tensor | None = None  # the first input (module and functional rules)
+    inputs: tuple = ()  # every argument, detached (call rules)
+    kwargs: dict = field(default_factory=dict)
+    call_rule: bool = False
+
+
+def _detach_all(args: tuple) -> tuple:
+    """Detach every tensor argument, keeping identity (``q is k`` stays true)."""
+    seen: dict[int, torch.Tensor] = {}
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            a = seen.setdefault(id(a), a.detach())
+        out.append(a)
+    return tuple(out)
+
+
+def _stops(values: Iterable) -> set:
+    return {v.grad_fn for v in values if isinstance(v, torch.Tensor) and v.grad_fn is not None}
+
+
+class _FunctionalUses(TorchFunctionMode):
+    """Captures ``F.linear`` calls on a watched weight made outside the module that owns it."""
+
+    def __init__(self, engine: SelfInfluence):
+        super().__init__()
+        self.engine = engine
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.linear and torch.is_grad_enabled():
+            self.engine._functional_linear(args, kwargs, out)
+        return out
 
 
 class SelfInfluence:
@@ -88,7 +162,8 @@ class SelfInfluence:
       to this many bytes, and reused by :meth:`weighted_backward` (a weighted sum instead of a
       product over positions); 0 keeps none.
 
-    Layers that mix samples (BatchNorm in training mode) are refused when capturing.
+    Layers that mix samples (BatchNorm in training mode) are refused when capturing; so are
+    compiled models (see the module docstring).
     """
 
     def __init__(
@@ -104,23 +179,35 @@ class SelfInfluence:
     ):
         if unsupported not in UNSUPPORTED:
             raise ValueError(f"unsupported must be one of {UNSUPPORTED}, got {unsupported!r}")
+        compiled = [n or "<model>" for n, m in model.named_modules() if _is_compiled(m)]
+        if compiled:
+            raise ValueError(f"model: module(s) {compiled[:5]} are compiled; {COMPILED}")
         self.model = model
         self.group = group
         names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
         chosen = self._resolve(model, modules, names)
         self._broadcast = set(self._resolve(model, broadcast, names, allow_empty=True))
 
+        # owners[p]: the modules whose rule would answer for p (call-rule modules for their subtree too).
         owners: dict[nn.Parameter, list[nn.Module]] = {}
         for m in names:
-            for p in _own_trainable(m).values():
+            params = _own_trainable(m)
+            if call_rule_for(m) is not None:
+                params = _rule_params(m)
+            for p in params.values():
                 if m not in owners.setdefault(p, []):
                     owners[p].append(m)
 
+        def has_rule(m: nn.Module) -> bool:
+            return rule_for(m) is not None or call_rule_for(m) is not None
+
         def ruled(m: nn.Module) -> bool:
+            if call_rule_for(m) is not None:
+                return refusal(m) is None and set(_rule_params(m)) <= covered_names(m)
             return rule_for(m) is not None and refusal(m) is None and set(_own_trainable(m)) <= COVERED
 
         for m in chosen:
-            reason = refusal(m) if rule_for(m) is not None else None
+            reason = refusal(m) if has_rule(m) else None
             if reason is not None:
                 raise ValueError(f"module {names[m] or '<model>'!r} ({type(m).__name__}) is refused: {reason}")
         chosen_params = [p for m in chosen for p in _own_trainable(m).values()]
@@ -128,8 +215,10 @@ class SelfInfluence:
         self._fallback = [p for p in self._chosen if not all(ruled(m) for m in owners[p])]
         if self._fallback and unsupported == "raise":
             bad = [m for p in self._fallback for m in owners[p] if not ruled(m)]
-            listed = ", ".join(f"{names[m] or '<model>'!r} ({type(m).__name__})" for m in dict.fromkeys(bad))
-            known = ", ".join(sorted(t.__name__ for t in RULES))
+            listed = ", ".join(f"{names[m] or '<model>'!r} ({type(m).__name__}"
+                               + (f": {refusal(m)}" if has_rule(m) and refusal(m) else "") + ")"
+                               for m in dict.fromkeys(bad))
+            known = ", ".join(sorted(t.__name__ for t in RULES) + ["MultiheadAttention", "RMSNorm-like modules"])
             raise ValueError(
                 f"no per-sample gradient rule for module(s) {listed} with trainable parameters; supported "
                 f"layers: {known}. Choose other modules, or pass unsupported='reference' to take their "
@@ -137,17 +226,25 @@ class SelfInfluence:
             )
         fallback_ids = set(self._fallback)
         needed = {p for p in self._chosen if p not in fallback_ids}
-        tracked = {m for p in needed for m in owners[p]}
+        tracked = {m for p in needed for m in owners[p] if ruled(m)}
         if bookkeeping:
             tracked |= {m for ms in owners.values() for m in ms if ruled(m)}
         self._tracked = [m for m in names if m in tracked]
         self._names = names
+        self._param_names = {p: n for n, p in model.named_parameters()}
         self._norm_params = [p for p in self._chosen if p not in fallback_ids]
         # Parameters the book-keeping update covers: every use is by a tracked layer with a rule.
         self._bookkept = [p for p, ms in owners.items() if all(m in tracked and ruled(m) for m in ms)]
         bookkept = set(self._bookkept)
         self._second = [p for p in owners if p not in bookkept]
+        # The parameters each tracked module's rule answers for, by name (FSDP2 swaps the attributes
+        # between sharded and unsharded tensors, so the objects are resolved once, here).
+        self._module_params = {m: _rule_params(m) for m in self._tracked}
+        self._watched = set(self._norm_params) | bookkept
+        self._actual: dict[int, nn.Parameter] = {id(p): p for p in self._watched}
         self._calls: list[_Call] = []
+        self._running: list[nn.Module] = []
+        self._first_use_checked: set[nn.Module] = set()
         self._factors: dict[nn.Parameter, list[Factor]] | None = None
         self._kept: dict[nn.Parameter, torch.Tensor] = {}
         self.max_kept_bytes = int(max_kept_bytes)
@@ -188,6 +285,9 @@ class SelfInfluence:
         """Trainable parameters that :meth:`weighted_backward` updates by a second backward pass."""
         return list(self._second)
 
+    def _name_of(self, p: nn.Parameter) -> str:
+        return self._param_names.get(p, "<unnamed parameter>")
+
     # -- capture ----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -205,17 +305,58 @@ class SelfInfluence:
                 )
         self.clear()
         self._batch_size = batch_size
-        handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in dict.fromkeys(self._tracked)]
+        self._running = []
+        handles = []
+        for m in dict.fromkeys(self._tracked):
+            handles.append(m.register_forward_pre_hook(self._pre_hook))
+            handles.append(m.register_forward_hook(self._hook, with_kwargs=True, always_call=True))
+        mode = _FunctionalUses(self)
         try:
-            yield self
+            with mode:
+                yield self
         finally:
             for h in handles:
                 h.remove()
+            self._running = []
 
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
-        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+    def _pre_hook(self, module: nn.Module, args: tuple) -> None:
+        self._running.append(module)
+        # The tensors this call will use: under FSDP2 these are the unsharded parameters.
+        for name, p in self._module_params[module].items():
+            actual = module.get_parameter(name) if "." in name else getattr(module, name, None)
+            if isinstance(actual, torch.Tensor) and actual is not p:
+                self._actual[id(actual)] = p
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output) -> torch.Tensor | None:
+        if self._running and self._running[-1] is module:
+            self._running.pop()
+        if not torch.is_grad_enabled():
             return None
-        activation = (args[0] if args else next(iter(kwargs.values()))).detach()
+        if torch.compiler.is_compiling():
+            raise RuntimeError(f"module {self._names[module]!r} runs inside torch.compile: {COMPILED}")
+        params = self._module_params[module]
+        if call_rule_for(module) is not None:
+            outs = output if isinstance(output, tuple) else (output,)
+            if not any(isinstance(o, torch.Tensor) and o.requires_grad for o in outs):
+                return None
+            batch = args[0].shape[0] if getattr(module, "batch_first", True) else args[0].shape[1]
+            if self._batch_size is None:
+                self._batch_size = batch
+            # Outputs that carry no gradient get a placeholder so that the rule sees them in order.
+            self._calls.append(_Call(
+                self._names[module], module, params, list(outs), [getattr(o, "_version", 0) for o in outs],
+                stops=_stops(args) | _stops(kwargs.values()), inputs=_detach_all(args), kwargs=dict(kwargs),
+                call_rule=True))
+            return None
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return None
+        raw = args[0] if args else next(iter(kwargs.values()))
+        activation = raw.detach()
+        if module not in self._first_use_checked:
+            check = getattr(rule_for(module), "verify", None)
+            if check is not None:
+                check(module, activation, output, self._names[module])
+            self._first_use_checked.add(module)
         if module in self._broadcast:
             if self._batch_size is None:
                 raise RuntimeError(
@@ -231,8 +372,29 @@ class SelfInfluence:
                 activation = activation.unsqueeze(0).expand(b, *activation.shape)
         elif self._batch_size is None:
             self._batch_size = activation.shape[0]
-        self._calls.append(_Call(self._names[module], module, activation, output, output._version))
+        self._calls.append(_Call(self._names[module], module, params, [output], [output._version],
+                                 stops=_stops(args) | _stops(kwargs.values()), activation=activation))
         return output if module in self._broadcast else None
+
+    def _functional_linear(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        """Record ``F.linear(x, W, b)`` on a watched ``W`` called outside the module that owns it."""
+        x = args[0] if args else kwargs.get("input")
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        p = self._actual.get(id(weight))
+        if p is None or not isinstance(out, torch.Tensor) or not out.requires_grad:
+            return
+        if self._running and any(t is weight for t in self._running[-1]._parameters.values()):
+            return  # the owning module's own call: its hook sees it
+        params = {"weight": p}
+        if bias is not None and id(bias) in self._actual:
+            params["bias"] = self._actual[id(bias)]
+        owner = types.SimpleNamespace(weight=weight, bias=bias if "bias" in params else None,
+                                      in_features=weight.shape[1], out_features=weight.shape[0])
+        if self._batch_size is None:
+            self._batch_size = x.shape[0]
+        self._calls.append(_Call(f"F.linear(..., {self._name_of(p)})", owner, params, [out], [out._version],
+                                 stops=_stops([x]), activation=x.detach()))
 
     def clear(self) -> None:
         """Drop the stored activations, output gradients and graph references."""
@@ -241,6 +403,62 @@ class SelfInfluence:
         self._kept = {}
         self._losses = None
         self._graph_kept = False
+
+    # -- the use check ----------------------------------------------------------------------------
+
+    def _check_uses(self, losses: torch.Tensor) -> None:
+        """Raise if autograd recorded a use of a watched parameter that no captured call accounts for."""
+        if not self._watched or losses.grad_fn is None:
+            return
+        edges: dict[tuple[int, int], tuple[nn.Parameter, str]] = {}
+        seen, stack = set(), [losses.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            name = node.name()
+            if name == "CheckpointFunctionBackward":
+                raise RuntimeError(f"the losses' graph contains {REENTRANT}")
+            for i, (child, _) in enumerate(node.next_functions):
+                if child is None:
+                    continue
+                var = getattr(child, "variable", None)
+                if var is not None:
+                    p = self._actual.get(id(var))
+                    if p is not None:
+                        if "CompiledFunction" in name:
+                            raise RuntimeError(f"parameter {self._name_of(p)!r} is used by {name}: {COMPILED}")
+                        edges[(id(node), i)] = (p, name)
+                elif child not in seen:
+                    stack.append(child)
+        for c in self._calls:
+            own = set(c.params.values())
+            seen_c, stack = set(), [o.grad_fn for o in c.outputs if isinstance(o, torch.Tensor) and o.grad_fn]
+            while stack:
+                node = stack.pop()
+                if node in seen_c or node in c.stops:
+                    continue
+                seen_c.add(node)
+                for i, (child, _) in enumerate(node.next_functions):
+                    if child is None:
+                        continue
+                    var = getattr(child, "variable", None)
+                    if var is not None:
+                        if self._actual.get(id(var)) in own:
+                            edges.pop((id(node), i), None)
+                    else:
+                        stack.append(child)
+        if edges:
+            p, op = next(iter(edges.values()))
+            others = sorted({self._name_of(q) for q, _ in edges.values()} - {self._name_of(p)})
+            raise RuntimeError(
+                f"parameter {self._name_of(p)!r} is used by an operation ({op}) outside the calls the engine "
+                "captured (its module's forward, F.linear, nn.MultiheadAttention), so its per-sample gradient "
+                "would be incomplete" + (f"; so are {others}" if others else "") + ". Use it through a module "
+                "(e.g. tie an nn.Linear's weight to it, or call F.linear(x, weight)), or leave its modules out "
+                "(modules=[...], bookkeeping=False), or pass unsupported='reference' for their module"
+            )
 
     # -- norms ------------------------------------------------------------------------------------
 
@@ -267,6 +485,7 @@ class SelfInfluence:
         sizes = microbatch_sizes(b, microbatches) if microbatches is not None else None
         keep = bool(self._second) if retain_graph is None else retain_graph
         total = losses.new_zeros(len(sizes) if sizes else b, dtype=torch.float32)
+        self._check_uses(losses)
 
         if self._fallback:
             for g in batched_autograd_grads(losses, self._fallback):
@@ -275,29 +494,43 @@ class SelfInfluence:
                     g = torch.stack([c.sum(0) for c in g.split(sizes)])
                 total += sq_norms(g)
 
+        outputs: list[torch.Tensor] = []
         for c in self._calls:
-            if c.output._version != c.version:
-                raise RuntimeError(
-                    f"the output of module {c.name!r} ({type(c.module).__name__}) was modified in place after "
-                    "its forward (e.g. by ReLU(inplace=True)); its output gradient cannot be recovered: "
-                    "make that operation out of place"
-                )
-        grads = torch.autograd.grad(losses.float().sum(), [c.output for c in self._calls],
-                                    allow_unused=True, retain_graph=keep) if self._calls else []
+            for o, v in zip(c.outputs, c.versions):
+                if isinstance(o, torch.Tensor) and o._version != v:
+                    raise RuntimeError(
+                        f"the output of module {c.name!r} ({type(c.module).__name__}) was modified in place after "
+                        "its forward (e.g. by ReLU(inplace=True)); its output gradient cannot be recovered: "
+                        "make that operation out of place"
+                    )
+            outputs += [o for o in c.outputs if isinstance(o, torch.Tensor) and o.requires_grad]
+        grads = list(torch.autograd.grad(losses.float().sum(), outputs, allow_unused=True, retain_graph=keep)
+                     if outputs else [])
         factors: dict[nn.Parameter, list[Factor]] = {}
-        for c, g in zip(self._calls, grads):
-            if g is None:
+        for c in self._calls:
+            gs = [grads.pop(0) if isinstance(o, torch.Tensor) and o.requires_grad else None for o in c.outputs]
+            if all(g is None for g in gs):
                 continue
-            if c.activation.shape[0] != b or g.shape[0] != b:
-                raise ValueError(
-                    f"module {c.name!r} saw a batch of {c.activation.shape[0]} but losses has {b} samples: "
-                    "the batch dimension must come first in every layer's input; a layer called without a "
-                    "batch dimension and broadcast over it (a position embedding) goes in broadcast=[...]"
-                )
-            params = _own_trainable(c.module)
-            for pname, f in rule_for(c.module)(c.module, c.activation.float(), g.detach().float()).items():
-                if pname in params:
-                    factors.setdefault(params[pname], []).append(f)
+            if c.call_rule:
+                gs = tuple(g.detach() if g is not None else None for g in gs)
+                if gs[0] is None:
+                    gs = (torch.zeros_like(c.outputs[0]),) + gs[1:]
+                produced = call_rule_for(c.module)(c.module, c.inputs, c.kwargs, gs)
+            else:
+                g = gs[0]
+                if c.activation.shape[0] != b or g.shape[0] != b:
+                    raise ValueError(
+                        f"module {c.name!r} saw a batch of {c.activation.shape[0]} but losses has {b} samples: "
+                        "the batch dimension must come first in every layer's input; a layer called without a "
+                        "batch dimension and broadcast over it (a position embedding) goes in broadcast=[...]"
+                    )
+                rule = _linear_rule if isinstance(c.module, types.SimpleNamespace) else rule_for(c.module)
+                produced = rule(c.module, c.activation.float(), g.detach().float())
+            for pname, f in produced.items():
+                if pname in c.params:
+                    if f.units != b:
+                        raise ValueError(f"module {c.name!r} saw a batch of {f.units} but losses has {b} samples")
+                    factors.setdefault(c.params[pname], []).append(f)
 
         kept: dict[nn.Parameter, torch.Tensor] = {}
         room = self.max_kept_bytes
@@ -339,12 +572,15 @@ class SelfInfluence:
         Parameters with a rule get it from the activations and output gradients stored by the last
         :meth:`norms` call (no second backward); the rest by a backward of ``sum_i w_i l_i``
         restricted to them. ``weights`` are per sample ``[B]`` (detached here). Frees the stored state.
+        Under ``torch.distributed`` plain gradients are all-reduced (one collective) and those of
+        ``DTensor`` parameters (FSDP2) reduce-scattered into the parameter's placement.
         """
         if self._factors is None or self._losses is None:
             raise RuntimeError("call norms(losses) before weighted_backward(weights)")
         check_same_length(self._losses, "losses", weights, "weights")
         w = weights.detach().to(device=self._losses.device, dtype=torch.float32)
-        updates: list[tuple[nn.Parameter, torch.Tensor]] = []
+        distributed = D.is_distributed(self.group)
+        updates: list[tuple[nn.Parameter, torch.Tensor | None]] = []
         for p in self._bookkept:
             fs = self._factors.get(p)
             if p in self._kept:
@@ -352,6 +588,8 @@ class SelfInfluence:
                 updates.append((p, (w @ per_sample.reshape(w.shape[0], -1)).view(p.shape)))
             elif fs:
                 updates.append((p, sum(f.weighted(w) for f in fs)))
+            elif distributed:  # used on other ranks only: every rank must contribute to the same collective
+                updates.append((p, None))
         if self._second:
             used = list(self._second)
             if not self._graph_kept:
@@ -359,15 +597,55 @@ class SelfInfluence:
                     "parameters without a rule need a second backward but the graph was freed: "
                     "call norms(..., retain_graph=True)"
                 )
+            if any(_is_dtensor(p) for p in used):
+                bad = [self._name_of(p) for p in used if _is_dtensor(p)][:5]
+                raise RuntimeError(
+                    f"parameters {bad} have no per-sample rule and are sharded (FSDP2): their gradient would "
+                    "need a second backward through the sharded model; give their modules a rule or leave "
+                    "them out of fully_shard"
+                )
             grads = torch.autograd.grad((w * self._losses.float()).sum(), used, allow_unused=True)
-            updates += [(p, g) for p, g in zip(used, grads) if g is not None]
-        if D.is_distributed(self.group) and updates:
-            flat = D.all_reduce_sum(torch.cat([g.reshape(-1).float() for _, g in updates]), self.group)
-            updates = [(p, v.view_as(g)) for (p, g), v in zip(updates, flat.split([g.numel() for _, g in updates]))]
+            updates += [(p, g) for p, g in zip(used, grads) if g is not None or distributed]
+        if distributed:
+            updates = self._reduce(updates)
         for p, g in updates:
-            g = g.to(p.dtype)
+            if g is None:
+                continue
             if p.grad is None:
-                p.grad = g.detach().clone()
+                p.grad = g.detach().to(p.dtype).clone() if not _is_dtensor(g) else g.to(p.dtype)
             else:
-                p.grad.add_(g)
+                p.grad.add_(g.to(p.dtype))
         self.clear()
+
+    def _reduce(self, updates: list[tuple[nn.Parameter, torch.Tensor | None]]) -> list:
+        """Sum the gradients over ranks: one all-reduce for plain parameters, a reduce-scatter per
+        sharded placement for ``DTensor`` parameters."""
+        plain = [(p, g) for p, g in updates if not _is_dtensor(p)]
+        sharded = [(p, g) for p, g in updates if _is_dtensor(p)]
+        out = []
+        if plain:
+            ref = self._losses
+            full = [g if g is not None else torch.zeros(p.shape, device=ref.device) for p, g in plain]
+            flat = D.all_reduce_sum(torch.cat([g.reshape(-1).float() for g in full]), self.group)
+            out += [(p, v.view(p.shape)) for (p, _), v in zip(plain, flat.split([g.numel() for g in full]))]
+        for p, g in sharded:
+            out.append((p, _reduce_scatter_like(p, g, self._losses.device)))
+        return out
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "placements")
+
+
+def _reduce_scatter_like(p, g: torch.Tensor | None, device) -> torch.Tensor:
+    """The global sum of every rank's full-size ``g`` as a ``DTensor`` laid out like ``p`` (Partial -> p's placements:
+    a reduce-scatter for ``Shard``, an all-reduce for ``Replicate``)."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    if g is None:
+        g = torch.zeros(p.shape, device=device)
+    mesh = p.device_mesh
+    partial = DTensor.from_local(g.float().to(p.to_local().device), device_mesh=mesh,
+                                 placements=[Partial()] * mesh.ndim, run_check=False, shape=p.shape,
+                                 stride=p.stride())
+    return partial.redistribute(mesh, p.placements)

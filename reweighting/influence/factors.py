@@ -6,7 +6,9 @@ cover every supported layer (METHODS.md section 2):
 
 - :class:`OuterFactor`: ``g_u = sum_t G_ut^T X_ut`` (weights of Linear and Conv, per group ``h``);
 - :class:`SumFactor`: ``g_u = sum_t V_ut`` (biases, LayerNorm's ``sum_t G_ut * xhat_ut``);
-- :class:`RowsFactor`: ``g_u = sum_t onehot(idx_ut) G_ut^T`` (Embedding).
+- :class:`RowsFactor`: ``g_u = sum_t onehot(idx_ut) G_ut^T`` (Embedding);
+- :class:`StackedFactor`: blocks of rows of one parameter, each one of the above (attention's
+  packed ``[W_q; W_k; W_v]`` applied to different inputs).
 
 Each gives the squared norms ``||g_u||^2`` for every unit ``u`` (a sample, or a micro-batch once
 :meth:`grouped`), the materialised ``g_u`` (needed when a parameter is shared between modules, so
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["OuterFactor", "SumFactor", "RowsFactor", "Factor", "group_rows", "sq_norms", "tied_sq_norms"]
+__all__ = ["OuterFactor", "SumFactor", "RowsFactor", "StackedFactor", "Factor", "group_rows", "sq_norms",
+           "tied_sq_norms"]
 
 
 def sq_norms(t: torch.Tensor) -> torch.Tensor:
@@ -124,8 +127,10 @@ class SumFactor:
 class RowsFactor:
     """``g_u = sum_t onehot(idx_ut) G_ut^T``: ``idx`` is ``[U, T]`` (-1: no gradient), ``g`` is ``[U, T, d]``.
 
-    The squared norm ``sum_{t,s} [idx_t == idx_s] <G_t, G_s>`` is computed exactly in ``O(T d)``
-    rather than ``O(T^2 d)``: the output gradients are summed per distinct (unit, row) pair first.
+    The squared norm ``sum_{t,s} [idx_t == idx_s] <G_t, G_s>`` is computed exactly in
+    ``O(T log T + T d)`` rather than ``O(T^2 d)``: the output gradients are summed per distinct
+    (unit, row) pair first. Every shape is fixed by the input shapes (sort and cumulative sum
+    rather than ``unique`` or boolean indexing), so nothing here waits for the device.
     """
 
     idx: torch.Tensor
@@ -136,34 +141,70 @@ class RowsFactor:
     def units(self) -> int:
         return self.idx.shape[0]
 
-    def _keys(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.shape[0]
-        unit = torch.arange(self.units, device=self.idx.device).unsqueeze(1).expand_as(self.idx)
-        valid = self.idx >= 0
-        return (unit * rows + self.idx)[valid], valid
+    def _valid_g(self) -> torch.Tensor:
+        """``[U, T, d]``: the output gradients, zero where the index is -1 (no gradient)."""
+        return torch.where((self.idx >= 0).unsqueeze(-1), self.g, torch.zeros_like(self.g))
 
     def sq_norms(self) -> torch.Tensor:
-        keys, valid = self._keys()
-        distinct, inverse = torch.unique(keys, return_inverse=True)
-        sums = self.g.new_zeros(distinct.shape[0], self.g.shape[-1]).index_add_(0, inverse, self.g[valid])
-        per_key = sq_norms(sums)
-        return self.g.new_zeros(self.units).index_add_(0, distinct // self.shape[0], per_key)
+        u, t = self.idx.shape
+        rows = self.shape[0]
+        unit = torch.arange(u, device=self.idx.device).unsqueeze(1)
+        keys = (unit * rows + self.idx.clamp(min=0)).reshape(-1)
+        order = torch.argsort(keys)
+        sorted_keys = keys[order]
+        # Segment number of each sorted position: how many distinct keys come before it.
+        starts = torch.ones_like(sorted_keys, dtype=torch.long)
+        starts[1:] = (sorted_keys[1:] != sorted_keys[:-1]).long()
+        segment = torch.cumsum(starts, 0) - 1
+        g = self._valid_g().reshape(u * t, -1)[order]
+        sums = g.new_zeros(u * t, g.shape[-1]).index_add_(0, segment, g)
+        # The unit of each segment (all its keys share it); unused segments are zero and add nothing.
+        seg_unit = torch.zeros(u * t, dtype=torch.long, device=keys.device).scatter_(0, segment, sorted_keys // rows)
+        return g.new_zeros(u).index_add_(0, seg_unit, sq_norms(sums))
 
     def per_unit(self) -> torch.Tensor:
-        keys, valid = self._keys()
-        out = self.g.new_zeros(self.units * self.shape[0], self.shape[1])
-        return out.index_add_(0, keys, self.g[valid]).reshape(self.units, *self.shape)
+        u = self.units
+        keys = (torch.arange(u, device=self.idx.device).unsqueeze(1) * self.shape[0] + self.idx.clamp(min=0))
+        out = self.g.new_zeros(u * self.shape[0], self.shape[1])
+        return out.index_add_(0, keys.reshape(-1), self._valid_g().reshape(-1, self.shape[1])).reshape(u, *self.shape)
 
     def weighted(self, w: torch.Tensor) -> torch.Tensor:
-        valid = self.idx >= 0
-        scaled = (self.g * w.view(-1, 1, 1))[valid]
-        return self.g.new_zeros(*self.shape).index_add_(0, self.idx[valid], scaled)
+        scaled = (self._valid_g() * w.view(-1, 1, 1)).reshape(-1, self.shape[1])
+        return self.g.new_zeros(*self.shape).index_add_(0, self.idx.clamp(min=0).reshape(-1), scaled)
 
     def grouped(self, sizes: list[int]) -> RowsFactor:
         return RowsFactor(group_rows(self.idx, sizes, fill=-1), group_rows(self.g, sizes), self.shape)
 
 
-Factor = OuterFactor | SumFactor | RowsFactor
+@dataclass
+class StackedFactor:
+    """A parameter made of row blocks ``[P_1; P_2; ...]``, each with its own factor of shape ``[rows_k, ...]``.
+
+    Blocks are disjoint, so the squared norms add and the gradients concatenate.
+    """
+
+    parts: list
+    shape: torch.Size
+
+    @property
+    def units(self) -> int:
+        return self.parts[0].units
+
+    def sq_norms(self) -> torch.Tensor:
+        return sum(p.sq_norms() for p in self.parts)
+
+    def per_unit(self) -> torch.Tensor:
+        u = self.units
+        return torch.cat([p.per_unit().reshape(u, -1) for p in self.parts], 1).reshape(u, *self.shape)
+
+    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.weighted(w).reshape(-1) for p in self.parts]).reshape(self.shape)
+
+    def grouped(self, sizes: list[int]) -> StackedFactor:
+        return StackedFactor([p.grouped(sizes) for p in self.parts], self.shape)
+
+
+Factor = OuterFactor | SumFactor | RowsFactor | StackedFactor
 
 
 def _tied_pair(fs: list[Factor]) -> tuple[RowsFactor, OuterFactor] | None:

@@ -87,3 +87,7 @@ def conv_loss(model, seq, img, y):
 def conv_batch(b=3):
     g = torch.Generator().manual_seed(1)
     return torch.randn(b, 4, 10, generator=g), torch.randn(b, 1, 6, 6, generator=g), torch.tensor([0, 1, 1][:b])
+
+
+def regression_loss_3d(model, x, y):
+    return ((model(x) - y) ** 2).sum((1, 2))

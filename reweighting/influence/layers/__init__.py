@@ -8,19 +8,27 @@ One small module per layer type, each registering a function with :func:`registe
 ``activation`` is the layer's (first) input and ``output_grad`` the gradient of the summed
 per-sample losses with respect to its output, both with the batch dimension first. The function
 returns one factor (see :mod:`reweighting.influence.factors`) per parameter name it covers. A
-layer type that mixes samples (BatchNorm in training mode) is listed in :data:`SAMPLE_MIXING`.
+layer type that mixes samples (BatchNorm in training mode) is refused by :func:`mixes_samples`.
+
+Layers whose parameters cannot be read off one input and one output gradient (attention: the
+projections act on intermediate tensors) register a *call rule* with :func:`register_call`: it
+receives every tensor argument of the call, its keyword arguments and the output gradients, and
+may cover the parameters of the layer's children (``out_proj.weight``). Modules of no registered
+type that hold a single 1-d ``weight`` and an ``eps`` (Hugging Face's ``LlamaRMSNorm``,
+``Qwen2RMSNorm``, ...) are recognised by :func:`structural_rule` and checked numerically on use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
 from ..factors import Factor
 
-__all__ = ["register", "register_by_name", "rule_for", "RULES", "COVERED", "Rule", "mixes_samples", "refusal"]
+__all__ = ["register", "register_by_name", "register_call", "rule_for", "call_rule_for", "covered_names", "RULES",
+           "CALL_RULES", "COVERED", "Rule", "CallRule", "mixes_samples", "refusal"]
 
 Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, Factor]]
 RULES: dict[type[nn.Module], Rule] = {}
@@ -28,6 +36,12 @@ RULES: dict[type[nn.Module], Rule] = {}
 NAMED_RULES: dict[str, Rule] = {}
 # The parameter names a rule can cover: a layer owning any other trainable parameter has no rule.
 COVERED = frozenset({"weight", "bias"})
+
+# rule(module, inputs, kwargs, output_grads) -> {parameter name relative to the module: factor}
+CallRule = Callable[[nn.Module, tuple, dict, tuple], dict[str, Factor]]
+CALL_RULES: dict[type[nn.Module], CallRule] = {}
+# The parameter names (relative to the module, children included) each call rule can cover.
+CALL_COVERED: dict[type[nn.Module], frozenset[str]] = {}
 
 
 def register(*types: type[nn.Module]) -> Callable[[Rule], Rule]:
@@ -52,8 +66,19 @@ def register_by_name(*qualified_names: str) -> Callable[[Rule], Rule]:
     return add
 
 
-def rule_for(module: nn.Module) -> Rule | None:
-    """The rule for ``module``'s type or its nearest registered base class, or None."""
+def register_call(*types: type[nn.Module], covers: Iterable[str]) -> Callable[[CallRule], CallRule]:
+    """Register a call rule for ``types``; ``covers`` names the parameters (children's included) it handles."""
+
+    def add(rule: CallRule) -> CallRule:
+        for t in types:
+            CALL_RULES[t] = rule
+            CALL_COVERED[t] = frozenset(covers)
+        return rule
+
+    return add
+
+
+def _registered(module: nn.Module) -> Rule | None:
     for cls in type(module).__mro__:
         if cls in RULES:
             return RULES[cls]
@@ -63,6 +88,31 @@ def rule_for(module: nn.Module) -> Rule | None:
     return None
 
 
+def rule_for(module: nn.Module) -> Rule | None:
+    """The rule for ``module``'s type or its nearest registered base class, else a structural rule
+    (an RMSNorm-like module, see :mod:`.rmsnorm_like`), or None."""
+    rule = _registered(module)
+    if rule is None and call_rule_for(module) is None:
+        rule = structural_rule(module)
+    return rule
+
+
+def call_rule_for(module: nn.Module) -> CallRule | None:
+    """The call rule for ``module``'s type or its nearest registered base class, or None."""
+    for cls in type(module).__mro__:
+        if cls in CALL_RULES:
+            return CALL_RULES[cls]
+    return None
+
+
+def covered_names(module: nn.Module) -> frozenset[str]:
+    """The parameter names the rule of ``module`` covers (children's for a call rule)."""
+    for cls in type(module).__mro__:
+        if cls in CALL_COVERED:
+            return CALL_COVERED[cls]
+    return COVERED
+
+
 def mixes_samples(module: nn.Module) -> bool:
     """True for layers whose output for one sample depends on the other samples of the batch."""
     return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
@@ -70,6 +120,8 @@ def mixes_samples(module: nn.Module) -> bool:
 
 def refusal(module: nn.Module) -> str | None:
     """Why a registered layer cannot give per-sample gradients in its current configuration, or None."""
+    if isinstance(module, nn.MultiheadAttention):
+        return mha_refusal(module)
     if isinstance(module, nn.Embedding):
         if module.scale_grad_by_freq:
             return "scale_grad_by_freq=True scales each gradient by counts over the whole batch (mixes samples)"
@@ -79,4 +131,6 @@ def refusal(module: nn.Module) -> str | None:
 
 
 # Importing the rule modules registers them.
-from . import conv, embedding, hf_conv1d, layernorm, linear  # noqa: E402,F401
+from . import conv, embedding, hf_conv1d, layernorm, linear, mha  # noqa: E402,F401
+from .mha import mha_refusal  # noqa: E402
+from .rmsnorm_like import structural_rule  # noqa: E402
