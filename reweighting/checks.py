@@ -23,6 +23,8 @@ _ENABLED = True
 def set_checks(enabled: bool) -> None:
     """Switch value checks (NaN, infinity, negative weights) on or off for the whole process."""
     global _ENABLED
+    if enabled not in (True, False) or isinstance(enabled, str):
+        raise TypeError(f"enabled must be True or False, got {type(enabled).__name__} {enabled!r}")
     _ENABLED = bool(enabled)
 
 

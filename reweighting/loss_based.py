@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from . import distributed as D
-from .checks import check_temperature, checks, checks_enabled, describe_indices
-from .reduce import accumulate_weighted
+from .checks import check_positive_number, check_temperature, checks, checks_enabled, describe_indices
+from .reduce import accumulate_weighted, check_window
 from .weights import WeightStats, normalize, tilt, weight_stats
 
 __all__ = ["LossReweighter", "STRATEGIES", "LOSS_NORMALIZATIONS", "strategy_scores"]
@@ -185,9 +185,9 @@ class LossReweighter:
         check_temperature(temperature, "temperature")
         if warmup_temperature is not None:
             check_temperature(warmup_temperature, "warmup_temperature")
-        if not (float(delta) > 0 and float(delta) != float("inf")):
-            raise ValueError(f"delta must be a finite number > 0, got {delta!r}")
-        if int(warmup_steps) != warmup_steps or warmup_steps < 0:
+        check_positive_number(delta, "delta")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, float)) \
+                or int(warmup_steps) != warmup_steps or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         if normalize not in LOSS_NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {LOSS_NORMALIZATIONS}, got {normalize!r}")
@@ -432,8 +432,7 @@ class LossReweighter:
         or the last micro-batch (``"micro"``). The returned value is this rank's contribution,
         as for ``rw(...)``: its mean over ranks is the window's weighted loss.
         """
-        if len(micro_batches) == 0:
-            raise ValueError("micro_batches is empty: a window needs at least one micro-batch")
+        check_window(micro_batches, per_sample_loss_fn)
         if self.accumulation == "global":
             weights, losses = accumulate_weighted(micro_batches, per_sample_loss_fn, self.weights,
                                                   no_sync=no_sync, group=self.group)

@@ -151,14 +151,36 @@ def score_window(
     training forward replays its dropout masks, so the losses there equal the scored ones.
     Returns detached float32 losses, one tensor per micro-batch.
     """
-    if len(micro_batches) == 0:
-        raise ValueError("micro_batches is empty: a window needs at least one micro-batch")
+    check_window(micro_batches, per_sample_loss_fn)
     states, losses = [], []
     with torch.no_grad():
-        for mb in micro_batches:
+        for k, mb in enumerate(micro_batches):
             states.append(_rng_state())
-            losses.append(per_sample_loss_fn(mb).detach().float())
+            losses.append(_window_losses(per_sample_loss_fn(mb), k).detach().float())
     return losses, states
+
+
+def check_window(micro_batches: Sequence[Any], per_sample_loss_fn: Callable[[Any], torch.Tensor]) -> None:
+    """A window is a non-empty sequence (it is traversed twice) and the loss function a callable."""
+    if not isinstance(micro_batches, Sequence) or isinstance(micro_batches, (str, bytes)):
+        raise TypeError(
+            f"micro_batches must be a list or tuple of micro-batches (the window is traversed twice), got "
+            f"{type(micro_batches).__name__}"
+        )
+    if len(micro_batches) == 0:
+        raise ValueError("micro_batches is empty: a window needs at least one micro-batch")
+    if not callable(per_sample_loss_fn):
+        raise TypeError(f"per_sample_loss_fn must be callable (micro-batch -> per-sample losses [B]), got "
+                        f"{type(per_sample_loss_fn).__name__}")
+
+
+def _window_losses(out: Any, k: int) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.dim() != 1 or not out.is_floating_point():
+        got = (f"shape {tuple(out.shape)} dtype {out.dtype}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise TypeError(f"per_sample_loss_fn must return a 1-d float tensor of per-sample losses, got {got} "
+                        f"for micro-batch {k}")
+    return out
 
 
 def accumulate_weighted(
@@ -186,9 +208,14 @@ def accumulate_weighted(
 
     Returns ``(weights, losses)`` for the window (detached, this rank's samples in order).
     """
+    check_window(micro_batches, per_sample_loss_fn)
+    if not callable(weight_fn):
+        raise TypeError(f"weight_fn must be callable (losses -> weights), got {type(weight_fn).__name__}")
     losses, states = score_window(micro_batches, per_sample_loss_fn)
     all_losses = torch.cat(losses)
     weights = weight_fn(all_losses)
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weight_fn must return a tensor of weights, got {type(weights).__name__}")
     check_same_length(all_losses, "window losses", weights, "weight_fn output")
     pieces = weights.split([loss.shape[0] for loss in losses])
     last = len(micro_batches) - 1
@@ -196,5 +223,5 @@ def accumulate_weighted(
         restore_rng_state(state)
         context = no_sync() if (no_sync is not None and k < last) else nullcontext()
         with context:
-            weighted_loss(per_sample_loss_fn(mb), w, group=group).backward()
+            weighted_loss(_window_losses(per_sample_loss_fn(mb), k), w, group=group).backward()
     return weights.detach(), all_losses

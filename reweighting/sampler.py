@@ -49,8 +49,7 @@ class AliasTable:
     """
 
     def __init__(self, weights: torch.Tensor) -> None:
-        if not isinstance(weights, torch.Tensor):
-            weights = torch.as_tensor(weights, dtype=torch.float64)
+        weights = _as_weights(weights)
         check_nonnegative_weights(weights, "weights")
         if weights.shape[0] > _MAX_ITEMS:
             raise ValueError(f"weights has {weights.shape[0]} items; an AliasTable holds at most {_MAX_ITEMS}")
@@ -123,6 +122,21 @@ class AliasTable:
         out = cls.__new__(cls)
         out.table = table
         return out
+
+
+def _as_weights(weights: Any) -> torch.Tensor:
+    """A tensor of weights from a tensor or a sequence of numbers, with a clear error otherwise."""
+    if isinstance(weights, torch.Tensor):
+        if weights.dtype == torch.bool or weights.is_complex():
+            raise TypeError(f"weights must hold real numbers, got dtype {weights.dtype}")
+        return weights
+    if isinstance(weights, (str, bytes)):
+        raise TypeError(f"weights must be a tensor or a sequence of numbers, got {type(weights).__name__}")
+    try:
+        return torch.as_tensor(weights, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"weights must be a tensor or a sequence of numbers, got {type(weights).__name__} "
+                        f"({err})") from None
 
 
 _CHUNK = 1 << 20  # elements per chunk where a full-length temporary is not needed
@@ -267,8 +281,7 @@ class DistributedWeightedSampler(Sampler[int]):
 
     # ------------------------------------------------------------------ weights
     def _prepare(self, weights: torch.Tensor) -> tuple[AliasTable | torch.Tensor, int]:
-        if not isinstance(weights, torch.Tensor):
-            weights = torch.as_tensor(weights, dtype=torch.float64)
+        weights = _as_weights(weights)
         check_nonnegative_weights(weights, "weights")
         n = weights.shape[0]
         num = n if self._num_samples_arg is None else check_count(self._num_samples_arg, "num_samples", 1)
