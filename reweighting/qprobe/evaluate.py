@@ -9,22 +9,33 @@ the best of k).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 
 import torch
 
+from ..checks import check_finite
 from .select import selection_weights
 
 __all__ = ["expected_return", "pass_at_k", "mean_reward", "evaluate_probe"]
 
 
 def _check_table(q: torch.Tensor | None, r: torch.Tensor, k: int) -> int:
+    if not isinstance(r, torch.Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor [prompts, samples], got {type(r).__name__}")
+    try:
+        if isinstance(k, bool):
+            raise TypeError
+        operator.index(k)  # Python, NumPy and 0-d torch integers; not 1.5
+    except TypeError:
+        raise TypeError(f"k must be an integer, got {k!r}") from None
     if r.dim() != 2:
         raise ValueError(f"rewards must be [prompts, samples], got shape {tuple(r.shape)}")
     if q is not None and q.shape != r.shape:
         raise ValueError(f"q and rewards must have the same shape, got {tuple(q.shape)} and {tuple(r.shape)}")
     if not 1 <= int(k) <= r.shape[1]:
         raise ValueError(f"k must be between 1 and the number of samples per prompt ({r.shape[1]}), got {k!r}")
+    check_finite(r.reshape(-1), "rewards")
     return r.shape[1] // int(k)
 
 
@@ -59,6 +70,9 @@ def pass_at_k(rewards: torch.Tensor, k: int, threshold: float = 1.0) -> torch.Te
 
 def mean_reward(rewards: torch.Tensor) -> torch.Tensor:
     """The baseline: mean reward of one sample (pass@1 for 0/1 rewards)."""
+    if not isinstance(rewards, torch.Tensor) or rewards.numel() == 0:
+        raise ValueError("rewards must be a non-empty torch.Tensor")
+    check_finite(rewards.reshape(-1), "rewards")
     return rewards.float().mean()
 
 
@@ -69,7 +83,7 @@ def evaluate_probe(
 
     Returns ``{"baseline": float, "pass_at_k": {k: float}, "expected_return": {beta: {k: float}}}``.
     """
-    ks, betas = [int(k) for k in ks], [float(b) for b in betas]
+    ks, betas = [operator.index(k) if not isinstance(k, bool) else k for k in ks], [float(b) for b in betas]
     return {
         "baseline": float(mean_reward(rewards)),
         "pass_at_k": {k: float(pass_at_k(rewards, k)) for k in ks},

@@ -9,11 +9,12 @@ temperature 1.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import torch
 
-from ..checks import check_finite, checks, describe_indices
+from ..checks import check_finite, check_temperature, checks, describe_indices
 from .objectives import OBJECTIVES, bce_loss, mse_loss, pg_loss, preference_loss
 from .probe import QProbe
 
@@ -27,8 +28,9 @@ def chunk_groups(groups: torch.Tensor, size: int, generator: torch.Generator | N
     chunk per row, padded with -1 where a group's last chunk is short. Rows come in random order and
     samples are shuffled within their group, drawn from ``generator``.
     """
-    if size < 1:
-        raise ValueError(f"group_size must be >= 1, got {size!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size (group_size) must be an integer >= 1, got {size!r}")
+    _check_groups(groups, "groups")
     n = groups.shape[0]
     order = torch.randperm(n, generator=generator)
     # A stable sort by group keeps the random order inside each group.
@@ -44,11 +46,52 @@ def chunk_groups(groups: torch.Tensor, size: int, generator: torch.Generator | N
     return table[torch.randperm(table.shape[0], generator=generator)]
 
 
+def _check_groups(groups: torch.Tensor, name: str, n: int | None = None) -> None:
+    if not isinstance(groups, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of prompt ids, got {type(groups).__name__}")
+    if groups.dim() != 1 or (n is not None and groups.shape[0] != n):
+        expected = f"({n},) to match features" if n is not None else "1-d (one prompt id per sample)"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(groups.shape)}")
+    if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer prompt ids, got dtype {groups.dtype}")
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine or has no such device "
+                         f"({torch.cuda.device_count()} CUDA devices)")
+    return parsed
+
+
 def _preference_pairs(r: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Within each row, every (preferred, rejected) pair of real samples with a strictly higher reward."""
     better = (r.unsqueeze(2) > r.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
     g, i, j = torch.nonzero(better, as_tuple=True)
     return g * r.shape[1] + i, g * r.shape[1] + j
+
+
+def _check_group_signal(objective: str, groups: torch.Tensor, rewards: torch.Tensor, group_size: int) -> None:
+    """The group objectives learn only from groups of two or more samples (a softmax over one sample
+    has zero gradient) and, for ``preference``, from a group with two different rewards: refuse
+    training data that cannot move the probe instead of returning the initial one."""
+    if group_size < 2:
+        raise ValueError(f"objective {objective!r} needs group_size >= 2 (groups of one sample have zero "
+                         f"gradient), got {group_size}")
+    _, inverse, counts = torch.unique(groups.cpu(), return_inverse=True, return_counts=True)
+    if not bool((counts > 1).any()):
+        raise ValueError(f"objective {objective!r}: every prompt in groups has only one sample, so the loss has "
+                         "zero gradient; give several samples per prompt")
+    if objective == "preference":
+        r = rewards.detach().cpu().float()
+        hi = torch.full((counts.shape[0],), -math.inf).scatter_reduce(0, inverse, r, "amax")
+        lo = torch.full((counts.shape[0],), math.inf).scatter_reduce(0, inverse, r, "amin")
+        if not bool((hi > lo).any()):
+            raise ValueError("objective 'preference' needs a prompt with two samples of different rewards; "
+                             "within every group of the given groups the rewards are all equal")
 
 
 def fit_probe(
@@ -82,6 +125,9 @@ def fit_probe(
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    for name, value in (("features", features), ("rewards", rewards)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if features.dim() != 2:
         raise ValueError(f"features must be [samples, dim], got shape {tuple(features.shape)}")
     n, dim = features.shape
@@ -89,8 +135,14 @@ def fit_probe(
         raise ValueError("features is empty: fitting needs at least one sample")
     if rewards.shape != (n,):
         raise ValueError(f"rewards must have shape ({n},) to match features, got {tuple(rewards.shape)}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs!r} and {batch_size!r}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("group_size", group_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not (math.isfinite(float(lr)) and float(lr) > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if not (math.isfinite(float(weight_decay)) and float(weight_decay) >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    check_temperature(temperature, "temperature")
     check_finite(rewards.float(), "rewards")
     bad_rows = ~torch.isfinite(features).all(dim=1)
     if bool(bad_rows.any()):
@@ -104,9 +156,9 @@ def fit_probe(
     if grouped:
         if groups is None:
             raise ValueError(f"objective {objective!r} needs groups (the prompt of each sample)")
-        if groups.shape != (n,):
-            raise ValueError(f"groups must have shape ({n},) to match features, got {tuple(groups.shape)}")
-    device = torch.device(device) if device is not None else features.device
+        _check_groups(groups, "groups", n)
+        _check_group_signal(objective, groups, rewards, group_size)
+    device = _check_device(device) if device is not None else features.device
 
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the probe's initial weights

@@ -68,6 +68,8 @@ def pg_loss(
     that picks one of the group's samples with probability ``softmax(Q / beta_train)``.
     """
     check_temperature(temperature, "temperature")
+    if not math.isfinite(float(baseline)):
+        raise ValueError(f"baseline must be a finite number, got {baseline!r}")
     if q.dim() != 2:
         raise ValueError(f"pg_loss needs q of shape [groups, samples], got {tuple(q.shape)}")
     _check_pair(q, rewards)
@@ -91,5 +93,5 @@ def preference_loss(q_preferred: torch.Tensor, q_rejected: torch.Tensor) -> torc
         raise ValueError(f"q_preferred and q_rejected must have the same shape, got {tuple(q_preferred.shape)} "
                          f"and {tuple(q_rejected.shape)}")
     if q_preferred.numel() == 0:
-        raise ValueError("preference_loss needs at least one pair")
+        raise ValueError("preference_loss needs at least one pair: q_preferred and q_rejected are empty")
     return F.softplus(-(q_preferred.float() - q_rejected.float())).mean()

@@ -31,9 +31,13 @@ class QProbe(nn.Module):
 
     def __init__(self, dim: int, hidden: Sequence[int] = ()):
         super().__init__()
-        if int(dim) < 1:
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim must be an integer, got {dim!r}")
+        if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim!r}")
-        hidden = tuple(int(h) for h in hidden)
+        if isinstance(hidden, (str, bytes)) or any(isinstance(h, bool) or not isinstance(h, int) for h in hidden):
+            raise TypeError(f"hidden must be a sequence of integer widths, got {hidden!r}")
+        hidden = tuple(hidden)
         if any(h < 1 for h in hidden):
             raise ValueError(f"hidden widths must be >= 1, got {hidden!r}")
         self.dim = int(dim)

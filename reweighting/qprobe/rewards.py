@@ -35,6 +35,9 @@ def _normalize(text: str) -> str:
 
 def exact_match(completion: str, answer: str) -> float:
     """1.0 when the completion equals the answer up to case and whitespace, else 0.0."""
+    for name, value in (("completion", completion), ("answer", answer)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a string, got {type(value).__name__}")
     return float(_normalize(completion) == _normalize(answer))
 
 
@@ -74,5 +77,7 @@ def numeric_match(completion: str, answer: float | str, *, which: str = "last", 
         raise ValueError(f"answer must be a number, got {answer!r}") from None
     if not math.isfinite(target):
         raise ValueError(f"answer must be a finite number, got {answer!r}")
+    if not (math.isfinite(float(tolerance)) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     found = extract_number(completion, which)
     return float(found is not None and abs(found - target) <= tolerance)
