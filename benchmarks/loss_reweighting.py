@@ -2,8 +2,9 @@
 
 1. One process: a TinyGPT training step (forward, backward, AdamW) with ``loss.mean()`` against the
    same step with ``LossReweighter`` (min-max and rank normalisation), same model and batch.
-2. Two gloo ranks under DDP: the same comparison, where the reweighter adds the global reductions
-   (max, min, sums; rank normalisation gathers the losses); and the weight computation alone.
+2. Two gloo ranks under DDP: the same comparison, where the reweighter adds one collective per
+   step (an all_gather of every rank's losses; the weights are then computed locally, for every
+   normalisation); and the weight computation alone against one scalar all-reduce.
 
 Run: ``python -m benchmarks.loss_reweighting`` (writes ``bench-results/loss_reweighting.json``).
 """
@@ -90,11 +91,13 @@ def _two_rank_worker(rank: int, world: int) -> dict:
     losses = torch.rand(half) * 3
     minmax = rw.LossReweighter("linupper")
     ranked = rw.LossReweighter("linupper", normalize="rank")
+    quantiled = rw.LossReweighter("linupper", normalize="quantile")
     one = torch.ones(())
     weight_times = time_interleaved({
         "one all_reduce (reference)": lambda: torch.distributed.all_reduce(one.clone()),
         "weights minmax": lambda: minmax.weights(losses),
         "weights rank": lambda: ranked.weights(losses),
+        "weights quantile": lambda: quantiled.weights(losses),
         "weights minmax, checks off": lambda: _unchecked(minmax.weights, losses),
     }, repeats=50, warmup=5, inner=10)
     return {"steps": step_times, "weights": weight_times}
@@ -117,6 +120,9 @@ def main() -> None:
     print("\n### two gloo ranks, DDP, batch split in halves\n")
     steps, weights = two_ranks()
     print_table(steps, columns)
+    ratios = {row["variant"]: row["ratio to baseline"] for row in steps}
+    print("\nLossReweighter step under DDP, 2 gloo ranks, x a plain mean: "
+          + ", ".join(f"{name} {ratios[name]:.3f}x" for name in ratios if name != "plain mean"))
     print()
     print_table(weights, ["variant", "median us"])
     path = write_results("loss_reweighting", {
