@@ -31,6 +31,8 @@ def tiny_llama(*, hidden_size: int = 32, intermediate_size: int = 64, layers: in
     import transformers
 
     tokenizer = byte_tokenizer(chat_template)
+    # The config says <eos> pads; the tokenizer must agree, or padding a batch fails.
+    tokenizer.pad_token = tokenizer.eos_token
     eos = tokenizer.eos_token_id
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,

@@ -64,3 +64,14 @@ def test_completion_lengths_rules():
     assert lengths == [4, 3, 4]
     lengths, reasons = completion_lengths(gen, [eos], tokenizer, ())
     assert lengths == [8, 3, 8] and reasons == ["eos", "eos", "length"]
+
+
+def test_tiny_llama_tokenizer_pads_a_batch_with_eos():
+    from reweighting.qprobe.tiny import tiny_llama
+
+    model, tokenizer = tiny_llama(layers=1)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["a", "bcd"], return_tensors="pt", padding=True)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == model.config.pad_token_id
+    assert batch["input_ids"][0, :2].tolist() == [tokenizer.eos_token_id] * 2
+    assert batch["attention_mask"].tolist() == [[0, 0, 1], [1, 1, 1]]
