@@ -148,3 +148,13 @@ def test_compiled_models_are_refused_with_what_to_do():
     model[0].compile()
     with pytest.raises(ValueError, match=r"\['0'\] are compiled"):
         SelfInfluence(model)
+
+
+def test_a_compiled_loss_function_around_the_model_raises_at_norms():
+    model = M.mlp()
+    si = SelfInfluence(model)
+    loss = torch.compile(M.regression_loss, backend="aot_eager")
+    with si.capture():
+        losses = loss(model, torch.randn(4, 5), torch.randn(4, 3))
+    with pytest.raises(RuntimeError, match=r"CompiledFunctionBackward: torch.compile'd code"):
+        si.norms(losses)
