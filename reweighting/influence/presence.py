@@ -98,8 +98,15 @@ class PresenceReweighter:
         """Spread micro-batch weights over their samples: each gets ``w_unit / size_unit``."""
         if self.microbatches is None:
             return unit_weights
-        sizes = torch.tensor(microbatch_sizes(batch_size, self.microbatches), device=unit_weights.device)
-        return torch.repeat_interleave(unit_weights / sizes, sizes)
+        # The sizes are known on the host: the first `extra` units hold base + 1 samples, the rest
+        # base. Repeating by Python integers keeps every shape static (no wait for the device).
+        sizes = microbatch_sizes(batch_size, self.microbatches)
+        base, extra = sizes[-1], sizes.count(sizes[-1] + 1)
+        parts = []
+        if extra:
+            parts.append(torch.repeat_interleave(unit_weights[:extra] / (base + 1), base + 1))
+        parts.append(torch.repeat_interleave(unit_weights[extra:] / base, base))
+        return torch.cat(parts)
 
     def backward(
         self,

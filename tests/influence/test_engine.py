@@ -178,3 +178,19 @@ def test_refused_configurations_and_bad_input():
         si.norms(losses.view(3)[:2])
     with pytest.raises(RuntimeError, match="before weighted_backward"):
         SelfInfluence(model).weighted_backward(torch.ones(3))
+
+
+@pytest.mark.parametrize("vocab, d", [(11, 6), (40, 16)])  # materialised and tied cross-term paths
+def test_padding_tokens_at_loss_carrying_positions_get_no_embedding_gradient(vocab, d):
+    # padding_idx rows get no gradient even where the padding token is a real input with a loss.
+    model = M.SeqModel(vocab=vocab, d=d)
+    tokens, mask = M.seq_batch(vocab=vocab)
+    tokens[0, 2] = tokens[1, 1] = tokens[3, 4] = 0  # inside each sequence, mask = 1
+    assert bool(mask[0, 2] and mask[1, 1] and mask[3, 4])
+    got, si, _ = engine_norms(model, M.seq_loss, tokens, mask, broadcast=[model.pos], max_kept_bytes=0)
+    assert_rel_close(got, per_sample_sq_norms(model, M.seq_loss, tokens, mask))
+    w = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    si.weighted_backward(w)
+    want = weighted_reference(model, M.seq_loss, w, tokens, mask)
+    for name, p in model.named_parameters():
+        assert_rel_close(p.grad, want[name])
