@@ -1,9 +1,9 @@
 """Hugging Face ``Trainer`` with per-sample weights: a loss-based reweighter, PRESENCE, a weight column, or both.
 
 The loss the Trainer minimises becomes ``sum_i w_i l_i`` over the **global** batch, where ``l_i``
-is the per-sequence loss (mean next-token cross-entropy over the tokens whose label is not
-``-100``, after the causal shift) and the weights ``w`` sum to 1 over every device's samples and,
-by default, over the whole gradient-accumulation window::
+is the per-sequence (or per-document, below) loss: the mean next-token cross-entropy over the
+tokens whose label is not ``-100``, after the causal shift. The weights ``w`` sum to 1 over every
+device's samples and, with ``accumulation="global"``, over the whole gradient-accumulation window::
 
     from reweighting import LossReweighter
     from reweighting.integrations.hf_trainer import ReweightingTrainer
@@ -17,25 +17,47 @@ by default, over the whole gradient-accumulation window::
 Weights of one step are ``w_i = c_i r_i / sum_j c_j r_j``: ``r`` from the reweighter
 (``rw.weights(per_sample_loss)``; uniform without one) and ``c`` from the dataset's
 ``sample_weight`` column (1 without one). The column survives the Trainer's removal of columns the
-model does not take and is split off before the user's collator sees the features.
+model does not take and is split off before the user's collator sees the features. Naming a
+column explicitly (``weight_column="w"``) makes it required: a column the dataset does not have
+raises, naming the columns it has.
+
+**A sample is a document.** Padding-free batches (``DataCollatorWithFlattening``, TRL's
+``padding_free=True``: ``position_ids`` that restart, or ``cu_seq_lens_q``) and packed rows with a
+``document_ids`` column (``[T]`` per row, see :mod:`reweighting.packing`) are weighted per
+document: ``l_d`` is the mean loss over document ``d``'s labelled tokens, exactly as if each
+document were alone in a row. The loss of predicting token ``t + 1`` counts for the document of
+token ``t`` (``DataCollatorWithFlattening`` labels each document's first token ``-100``, so no
+loss crosses documents). A ``sample_weight`` column then needs one value per document (a list per
+row for packed rows). The logs report ``weights/documents_per_step`` (all ranks).
+
+**Sequences or documents with no labelled token** (SFT after truncation) have no mean loss: they
+get weight 0, enter no statistic of the weights (no made-up loss of 0 in the min-max range), and
+are counted in the logs as ``weights/n_masked``. A batch where no sample has a label raises.
 
 **Gradient accumulation** (``K`` micro-batches per optimizer step):
 
-- ``accumulation="global"`` (default): exact. Before the window's first micro-batch the adapter
+- ``accumulation="global"``: exact. Before the window's first micro-batch is trained the adapter
   scores every micro-batch of the window under ``no_grad`` (one extra forward each, without stored
-  activations; the RNG state is saved and replayed so dropout matches), normalises over the whole
-  window and all ranks, then each micro-batch's ``backward`` uses its slice. The accumulated
-  gradient equals one step on the concatenated window. Without a loss-dependent reweighter (only a
-  weight column) no extra forward is needed.
+  activations; the RNG state is saved and replayed so dropout matches, and the scoring runs after
+  the Trainer has restored a checkpoint's RNG state, so a resumed run equals an uninterrupted
+  one), normalises over the whole window and all ranks, then each micro-batch's ``backward`` uses
+  its slice. The accumulated gradient equals one step on the concatenated window.
 - ``accumulation="micro"``: weights per micro-batch (over all ranks), each micro-batch's loss
   divided by ``K`` as for a mean: the paper's behaviour, no extra pass.
+
+The default is the reweighter's own ``accumulation`` setting (``LossReweighter``'s default is
+``"micro"``, the paper's), so one configured object means one behaviour in a hand-written loop
+and in the Trainer; without a loss-dependent reweighter (only a weight column) it is ``"global"``,
+which then costs nothing. Choose ``"global"`` when the result should not depend on how the batch
+is split into micro-batches.
 
 **PRESENCE** (``reweighter=PresenceReweighter(...)`` with ``self_influence=SelfInfluence(model,
 ...)``): each micro-batch is captured, its per-sample self-influence computed from one backward
 and the weighted gradient written from the same stored tensors (see
 :class:`reweighting.SelfInfluence`); the engine sums gradients over ranks itself, so the forward
 runs on the unwrapped model. Its weights are per micro-batch (``accumulation="micro"``), and fp16
-with a gradient scaler is refused (bf16 is fine).
+with a gradient scaler is refused (bf16 is fine). It scores rows: packed or padding-free batches
+raise.
 
 The reweighter's step counter advances once per optimizer step and is set to the Trainer's
 ``global_step`` when training starts, so a run resumed from a checkpoint continues its schedule.
@@ -45,6 +67,7 @@ averaged over the steps since the last log) are added to the Trainer's logs as `
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from collections.abc import Callable
 from dataclasses import fields
@@ -56,20 +79,25 @@ from transformers import Trainer, TrainerCallback
 
 from .. import distributed as D
 from ..checks import check_nonnegative_weights, checks_enabled, describe_indices
+from ..packing import Documents, document_index, document_losses
 from ..reduce import restore_rng_state, score_window, sequence_loss, weighted_loss
 from ..weights import WeightStats, weight_stats
 
 __all__ = [
     "WEIGHT_COLUMN",
+    "DOCUMENT_COLUMN",
     "TrainingReweighter",
     "SampleWeightCollator",
     "causal_lm_sequence_losses",
+    "causal_lm_token_losses",
+    "batch_documents",
     "combine_weights",
     "ReweightingMixin",
     "ReweightingTrainer",
 ]
 
 WEIGHT_COLUMN = "sample_weight"
+DOCUMENT_COLUMN = "document_ids"
 ACCUMULATIONS = ("global", "micro")
 
 
@@ -80,6 +108,8 @@ class TrainingReweighter(Protocol):
     ``weights(per_sample_loss)`` returns this rank's detached weights, normalised over the global
     batch it is given (all ranks); ``step()`` is called once after each optimizer step. An optional
     ``stats`` attribute (:class:`reweighting.WeightStats`) is logged when no weight column is used.
+    If ``weights`` takes a ``mask`` keyword (True = takes part), samples without a labelled token
+    are excluded through it; a reweighter without one cannot exclude them and raises when they occur.
     """
 
     def weights(self, per_sample_loss: torch.Tensor) -> torch.Tensor: ...
@@ -88,14 +118,16 @@ class TrainingReweighter(Protocol):
 
 
 def causal_lm_sequence_losses(
-    logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = True, ignore_index: int = -100
+    logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = True, ignore_index: int = -100,
+    empty: str = "raise",
 ) -> torch.Tensor:
     """Per-sequence mean cross-entropy ``[B]`` from ``logits [B, T, V]`` and ``labels [B, T]`` (float32, with graph).
 
     As Hugging Face's causal LM loss: with ``shift`` position ``t`` predicts ``labels[:, t + 1]``;
     tokens labelled ``ignore_index`` do not count. Then ``l_i = sum_t m_it CE_it / sum_t m_it``
     (:func:`reweighting.sequence_loss`). Logits are upcast to float32 (as HF does under mixed
-    precision). A sequence with no labelled token raises, naming it.
+    precision). A sequence with no labelled token raises, naming it (``empty="raise"``), or is
+    NaN (``empty="nan"``, see :func:`reweighting.sequence_loss`).
     """
     if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
         raise ValueError(f"logits must be [B, T, V] and labels [B, T], got {tuple(logits.shape)} and "
@@ -104,27 +136,97 @@ def causal_lm_sequence_losses(
         logits, labels = logits[:, :-1], labels[:, 1:]
     labels = labels.to(logits.device)
     token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=ignore_index, reduction="none")
-    return sequence_loss(token_loss, labels != ignore_index)
+    return sequence_loss(token_loss, labels != ignore_index, empty=empty)
+
+
+def _input_aligned_targets(labels: torch.Tensor, shift: bool, ignore_index: int) -> torch.Tensor:
+    """``labels`` shifted left by one with ``ignore_index`` at the end (position ``t`` predicts ``t + 1``)."""
+    if not shift:
+        return labels
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], dim=1)
+
+
+def causal_lm_token_losses(
+    logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = True, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token losses ``[B, T]`` aligned with the inputs and the mask of tokens that carry loss.
+
+    With ``shift`` position ``t`` holds the cross-entropy of predicting ``labels[:, t + 1]`` and the
+    last position carries none (Hugging Face's shift), so document boundaries given for the inputs
+    (``position_ids``, ``document_ids``, ``cu_seq_lens``) apply to the losses as they are. float32,
+    with graph; positions without loss hold 0.
+    """
+    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits must be [B, T, V] and labels [B, T], got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
+    targets = _input_aligned_targets(labels.to(logits.device), shift, ignore_index)
+    token_loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=ignore_index, reduction="none")
+    return token_loss, targets != ignore_index
+
+
+def batch_documents(batch: dict[str, Any], *, document_column: str = DOCUMENT_COLUMN) -> Documents | None:
+    """The documents of a collated batch, or ``None`` when each row is one sample.
+
+    In order: a ``document_column`` entry (``[B, T]`` ids, packed rows; padding from the
+    ``attention_mask``), ``cu_seq_lens_q`` (``DataCollatorWithFlattening(return_flash_attn_kwargs=
+    True)``), or ``position_ids`` that break their ``+1`` run inside a row's real tokens (padding-free
+    and packed rows; each break must restart at the row's first position, else ``ValueError``).
+    ``position_ids`` without a break (an ordinary padded batch) give ``None``.
+    """
+    grid = batch.get("input_ids")
+    if grid is None:
+        grid = batch.get("labels")
+    attention = batch.get("attention_mask")
+    real = attention.bool() if isinstance(attention, torch.Tensor) and attention.dim() == 2 else None
+    ids = batch.get(document_column)
+    if ids is not None:
+        return document_index(grid, document_ids=ids, padding_mask=real)
+    cu = batch.get("cu_seq_lens_q")
+    if cu is not None:
+        if real is not None and not bool(real.all()):
+            raise ValueError("the batch has cu_seq_lens_q and padding in its attention_mask: cu_seq_lens must cover "
+                             "every token")
+        return document_index(grid, cu_seq_lens=cu)
+    pos = batch.get("position_ids")
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[1] < 2:
+        return None
+    if grid is not None and pos.shape != grid.shape:
+        pos = pos.expand(grid.shape)  # position ids given once for every row
+    live = torch.ones_like(pos, dtype=torch.bool) if real is None else real
+    breaks = live[:, 1:] & live[:, :-1] & (pos[:, 1:] != pos[:, :-1] + 1)
+    if not bool(breaks.any()):
+        return None
+    start = int(torch.where(live, pos, torch.full_like(pos, torch.iinfo(pos.dtype).max)).min())
+    return document_index(pos, position_ids=pos, padding_mask=real, position_start=start)
 
 
 def combine_weights(
-    reweighter_weights: torch.Tensor | None, column: torch.Tensor | None, n: int, device: torch.device, group=None
+    reweighter_weights: torch.Tensor | None, column: torch.Tensor | None, n: int, device: torch.device, group=None,
+    *, include: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``w_i = c_i r_i / sum_j c_j r_j`` over all ranks (``r``, ``c`` default to 1); float32, detached.
 
     ``column`` holds the ``sample_weight`` values of this rank's ``n`` samples: finite, >= 0, and
-    not all zero over the global batch (else a ``ValueError`` names the samples).
+    not all zero over the global batch (else a ``ValueError`` names the samples). ``include``
+    (bool ``[n]``, optional): samples that take part; the others get weight 0.
     """
+    keep = None if include is None else include.to(device=device, dtype=torch.float32)
     if column is None:
         if reweighter_weights is not None:
             return reweighter_weights.detach().float()
-        ones = torch.ones(n, dtype=torch.float32, device=device)
-        return ones / D.global_count(n, device, group)
+        ones = torch.ones(n, dtype=torch.float32, device=device) if keep is None else keep
+        total = D.global_count(n, device, group) if keep is None else D.all_reduce_sum(keep.sum(), group)
+        if keep is not None and checks_enabled() and not bool(total > 0):
+            raise ValueError("no sample of the global batch has a labelled token: nothing to train on")
+        return ones / total
     c = column.detach().to(device=device, dtype=torch.float32).reshape(-1)
     if c.shape[0] != n:
-        raise ValueError(f"{WEIGHT_COLUMN} has {c.shape[0]} values for a batch of {n} samples")
+        raise ValueError(f"{WEIGHT_COLUMN} has {c.shape[0]} values for a batch of {n} samples (one value per "
+                         f"sample; with packed or padding-free batches, one per document)")
     check_nonnegative_weights(c, WEIGHT_COLUMN, allow_all_zero=True)
     product = c if reweighter_weights is None else c * reweighter_weights.detach().float().to(device)
+    if keep is not None:
+        product = product * keep
     total = D.all_reduce_sum(product.sum(), group)
     # bool() reads the total back to the host: only when checks are on, as for the core's checks.
     if checks_enabled() and not bool(total > 0):
@@ -134,21 +236,36 @@ def combine_weights(
 
 
 class SampleWeightCollator:
-    """Wraps a collator: takes ``sample_weight`` out of each feature, collates the rest, adds it as float32 ``[B]``."""
+    """Wraps a collator: takes ``sample_weight`` out of each feature, collates the rest, adds it as float32.
 
-    def __init__(self, collator: Callable[[list[Any]], dict[str, Any]], column: str = WEIGHT_COLUMN):
+    A feature's value is a number, or a list of numbers (one per document of a packed row); the
+    batch gets them all in order, ``[n]``. With ``required`` a feature without the column raises,
+    naming the columns it has.
+    """
+
+    def __init__(self, collator: Callable[[list[Any]], dict[str, Any]], column: str = WEIGHT_COLUMN,
+                 required: bool = False):
         self.collator = collator
         self.column = column
+        self.required = required
 
     def __call__(self, features: list[Any]) -> dict[str, Any]:
         if not features or not isinstance(features[0], dict) or self.column not in features[0]:
+            if self.required and features and isinstance(features[0], dict):
+                raise ValueError(f"weight_column={self.column!r} is not in the training features; they have "
+                                 f"{sorted(features[0])} (after the Trainer removed the columns the model does "
+                                 f"not take)")
             return self.collator(features)
         missing = [i for i, f in enumerate(features) if self.column not in f]
         if missing:
             raise ValueError(f"features {missing[:10]} of the batch have no {self.column!r} but others do")
-        values = [f[self.column] for f in features]
+        values: list[float] = []
+        for f in features:
+            v = f[self.column]
+            v = v.tolist() if hasattr(v, "tolist") else v
+            values.extend(float(x) for x in v) if isinstance(v, (list, tuple)) else values.append(float(v))
         batch = self.collator([{k: v for k, v in f.items() if k != self.column} for f in features])
-        batch[self.column] = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
+        batch[self.column] = torch.as_tensor(values, dtype=torch.float32)
         return batch
 
 
@@ -183,10 +300,34 @@ class _StepCounter(TrainerCallback):
         _advance(self.reweighter)
 
 
+class _LogWindow(TrainerCallback):
+    """Starts the documents-per-step average at the step training (re)starts from."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._last_logged_step = int(state.global_step)
+
+
 def _is_presence(reweighter: Any) -> bool:
     from ..influence import PresenceReweighter
 
     return isinstance(reweighter, PresenceReweighter)
+
+
+def _takes_mask(reweighter: Any) -> bool:
+    try:
+        return "mask" in inspect.signature(reweighter.weights).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _dataset_columns(dataset: Any) -> list[str] | None:
+    columns = getattr(dataset, "column_names", None)
+    if isinstance(columns, dict):  # a DatasetDict
+        return None
+    return list(columns) if isinstance(columns, (list, tuple)) else None
 
 
 class ReweightingMixin:
@@ -199,7 +340,10 @@ class ReweightingMixin:
         self_influence: the :class:`reweighting.SelfInfluence` engine on ``model`` for PRESENCE.
         accumulation: ``"global"`` or ``"micro"`` (see the module docstring); default: the
             reweighter's own ``accumulation`` attribute if it has one, else ``"global"``.
-        weight_column: the dataset column with per-sample weights (``"sample_weight"``).
+        weight_column: the dataset column with per-sample weights; default ``"sample_weight"``,
+            used when present. A name given explicitly must be a column of the dataset.
+        document_column: the dataset column with per-token document ids of packed rows; default
+            ``"document_ids"``, used when present. A name given explicitly must be a column.
         shift_labels: whether logits at ``t`` predict ``labels[t + 1]`` (causal LMs; the default).
 
     Override :meth:`per_sample_loss` for models that are not token-level LMs.
@@ -211,7 +355,8 @@ class ReweightingMixin:
         reweighter: Any = None,
         self_influence: Any = None,
         accumulation: str | None = None,
-        weight_column: str = WEIGHT_COLUMN,
+        weight_column: str | None = None,
+        document_column: str | None = None,
         shift_labels: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -234,94 +379,167 @@ class ReweightingMixin:
             if self.args.fp16:
                 raise ValueError("PRESENCE writes gradients directly, which fp16's gradient scaler cannot see: "
                                  "use bf16 or float32")
+        for name, value in (("weight_column", weight_column), ("document_column", document_column)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a column name (str), got {type(value).__name__}")
         self.reweighter = reweighter
         self.self_influence = self_influence
         self.accumulation = accumulation
-        self.weight_column = weight_column
+        self.weight_column = weight_column or WEIGHT_COLUMN
+        self.document_column = document_column or DOCUMENT_COLUMN
         self.shift_labels = shift_labels
+        columns = _dataset_columns(self.train_dataset)
+        for name, value in (("weight_column", weight_column), ("document_column", document_column)):
+            if value is not None and columns is not None and value not in columns:
+                raise ValueError(f"{name}={value!r} is not a column of train_dataset; its columns are {columns}")
         # Window weights are already normalised over the accumulation window; micro ones need / K.
         self.loss_is_scaled_for_ga = accumulation == "global"
-        self.data_collator = SampleWeightCollator(self.data_collator, weight_column)
+        self.data_collator = SampleWeightCollator(self.data_collator, self.weight_column,
+                                                  required=weight_column is not None)
         if reweighter is not None:
             self.add_callback(_StepCounter(reweighter))
+        self.add_callback(_LogWindow(self))
         self._window: deque[tuple[torch.Tensor, Any]] = deque()
+        self._pending: list[dict[str, Any]] | None = None
         self._stats_sum: torch.Tensor | None = None
         self._stats_count = 0
+        self._samples_sum: torch.Tensor | None = None
+        self._last_logged_step = 0
 
     # ------------------------------------------------------------------ columns
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if self.weight_column not in self._signature_columns:
-            self._signature_columns.append(self.weight_column)
+        for column in (self.weight_column, self.document_column):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
 
     # ------------------------------------------------------------------ losses and weights
     def per_sample_loss(self, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
-        """``[B]`` per-sample losses with a graph; by default :func:`causal_lm_sequence_losses`."""
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        return causal_lm_sequence_losses(logits, labels, shift=self.shift_labels)
+        """``[B]`` per-sample losses with a graph; by default :func:`causal_lm_sequence_losses`.
 
-    def _forward_losses(self, model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        The default makes a row without a labelled token NaN; the adapter gives it weight 0.
+        """
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        return causal_lm_sequence_losses(logits, labels, shift=self.shift_labels, empty="nan")
+
+    def per_document_loss(self, outputs: Any, labels: torch.Tensor, documents: Documents) -> torch.Tensor:
+        """``[N]`` per-document losses with a graph for packed or padding-free batches (NaN: no labelled token)."""
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        token_loss, carries = causal_lm_token_losses(logits, labels, shift=self.shift_labels)
+        return document_losses(token_loss, carries, documents=documents, empty="nan").loss
+
+    def _default_losses(self) -> bool:
+        return type(self).per_sample_loss is ReweightingMixin.per_sample_loss
+
+    def _samples(self, inputs: dict[str, Any]) -> tuple[Documents | None, torch.Tensor | None, int]:
+        """This micro-batch's documents (None: a sample per row), which samples have a labelled token, and how many."""
+        if "labels" not in inputs:
+            raise ValueError("the batch has no 'labels': per-sample losses need them")
+        labels = inputs["labels"]
+        documents = batch_documents(inputs, document_column=self.document_column)
+        if documents is None:
+            include = None
+            if self._default_losses() and labels.dim() == 2:
+                carries = _input_aligned_targets(labels, self.shift_labels, -100) != -100
+                include = carries.any(dim=1)
+            return None, include, int(labels.shape[0])
+        if self.presence:
+            raise ValueError(f"this batch packs {documents.count} documents into {documents.index.shape[0]} rows; "
+                             f"PRESENCE in the Trainer scores rows, so it would weight each row as one sample: "
+                             f"give it one document per row")
+        carries = _input_aligned_targets(labels.to(documents.index.device), self.shift_labels, -100) != -100
+        counts = torch.zeros(documents.count, dtype=torch.long, device=carries.device).index_add_(
+            0, documents.index.reshape(-1).clamp(min=0), (carries & (documents.index >= 0)).reshape(-1).long())
+        return documents, counts > 0, documents.count
+
+    def _forward_losses(
+        self, model: torch.nn.Module, inputs: dict[str, Any], documents: Documents | None = None
+    ) -> tuple[torch.Tensor, Any]:
         inputs = dict(inputs)
         inputs.pop(self.weight_column, None)
+        inputs.pop(self.document_column, None)
         if "labels" not in inputs:
             raise ValueError("the batch has no 'labels': per-sample losses need them")
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        return self.per_sample_loss(outputs, labels), outputs
+        if documents is None:
+            return self.per_sample_loss(outputs, labels), outputs
+        return self.per_document_loss(outputs, labels, documents), outputs
 
-    def _weights(self, losses: torch.Tensor, column: torch.Tensor | None) -> torch.Tensor:
-        """Weights for ``losses`` (one micro-batch or a whole window), normalised over all ranks; records stats."""
-        r = None if self.reweighter is None else self.reweighter.weights(losses.detach())
-        w = combine_weights(r, column, losses.shape[0], losses.device)
+    def _weights(self, losses: torch.Tensor, column: torch.Tensor | None, include: torch.Tensor | None) -> torch.Tensor:
+        """Weights for ``losses`` (one micro-batch or a whole window), normalised over all ranks; records stats.
+
+        Samples outside ``include`` (no labelled token) get weight 0 and enter no statistic.
+        """
+        r = None
+        if self.reweighter is not None:
+            if _takes_mask(self.reweighter):
+                r = self.reweighter.weights(losses.detach(), mask=include)
+            else:
+                if include is not None and not bool(include.all()):
+                    raise ValueError(f"samples {describe_indices(~include)} have no labelled token, and "
+                                     f"{type(self.reweighter).__name__}.weights takes no mask= to leave them out")
+                r = self.reweighter.weights(losses.detach())
+        n = losses.shape[0]
+        w = combine_weights(r, column, n, losses.device, include=include)
         own = getattr(self.reweighter, "stats", None) if column is None else None
-        self._record(own if isinstance(own, WeightStats) else weight_stats(w))
+        if not isinstance(own, WeightStats):
+            masked = 0 if include is None else (~include).sum()
+            own = weight_stats(w, mask=include, n_dropped=masked, n_masked=masked)
+        self._record(own)
         return w
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Collect the window as the Trainer does; in ``"global"`` mode also weigh it as a whole."""
+        """Collect the window as the Trainer does; in ``"global"`` mode it is weighed before its first micro-batch."""
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._window.clear()
-        if self.accumulation == "global" and len(batch_samples) > 1 and not self.presence:
-            batch_samples = self._weigh_window(batch_samples)
+        # Scored lazily, at the first micro-batch's compute_loss: on a resumed run the Trainer restores
+        # the checkpoint's RNG state after this call, and the scoring passes must start from it.
+        global_window = self.accumulation == "global" and len(batch_samples) > 1 and not self.presence
+        self._pending = list(batch_samples) if global_window else None
         return batch_samples, num_items
 
-    def _weigh_window(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _weigh_window(self, batches: list[dict[str, Any]]) -> None:
         batches = [self._prepare_inputs(b) for b in batches]
-        states = [None] * len(batches)
+        samples = [self._samples(b) for b in batches]
+        states: list[Any] = [None] * len(batches)
         if self.reweighter is not None:
             model = self.model_wrapped
             model.train()
+            docs = iter([s[0] for s in samples])
             with self.compute_loss_context_manager():
-                losses, states = score_window(batches, lambda b: self._forward_losses(model, b)[0])
+                losses, states = score_window(batches, lambda b: self._forward_losses(model, b, next(docs))[0])
             # The Trainer's training forward of micro-batch k starts from states[k], as in accumulate_weighted.
             window_losses = torch.cat(losses)
         else:
-            window_losses = torch.cat([self._labels_placeholder(b) for b in batches])
+            window_losses = torch.cat([torch.zeros(n, device=self.args.device) for _, _, n in samples])
         columns = [b.get(self.weight_column) for b in batches]
         column = torch.cat([c.reshape(-1) for c in columns]) if all(c is not None for c in columns) else None
         if column is None and any(c is not None for c in columns):
             raise ValueError(f"some micro-batches of the window have a {self.weight_column!r} column and some not")
-        weights = self._weights(window_losses, column)
-        for w, state in zip(weights.split([b["labels"].shape[0] for b in batches]), states):
+        includes = [s[1] for s in samples]
+        include = None if all(i is None for i in includes) else torch.cat(
+            [torch.ones(n, dtype=torch.bool, device=window_losses.device) if i is None else i.to(window_losses.device)
+             for i, (_, _, n) in zip(includes, samples)])
+        weights = self._weights(window_losses, column, include)
+        for w, state in zip(weights.split([n for _, _, n in samples]), states):
             self._window.append((w, state))
-        return batches
-
-    @staticmethod
-    def _labels_placeholder(batch: dict[str, Any]) -> torch.Tensor:
-        """Zeros with one entry per sample (weights that do not depend on the loss need only the count)."""
-        return torch.zeros(batch["labels"].shape[0], device=batch["labels"].device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``sum_i w_i l_i`` with the DDP factor (:func:`reweighting.weighted_loss`); unweighted in evaluation."""
         if not model.training:
-            inputs = {k: v for k, v in inputs.items() if k != self.weight_column}
+            inputs = {k: v for k, v in inputs.items() if k not in (self.weight_column, self.document_column)}
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._weigh_window(pending)
         window = self._window.popleft() if self._window else None
         if window is not None and window[1] is not None:
             restore_rng_state(window[1])
-        losses, outputs = self._forward_losses(model, inputs)
-        w = window[0] if window is not None else self._weights(losses, inputs.get(self.weight_column))
+        documents, include, _ = self._samples(inputs)
+        losses, outputs = self._forward_losses(model, inputs, documents)
+        w = window[0] if window is not None else self._weights(losses, inputs.get(self.weight_column), include)
         loss = weighted_loss(losses, w)
         return (loss, outputs) if return_outputs else loss
 
@@ -331,11 +549,17 @@ class ReweightingMixin:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         inputs = self._prepare_inputs(inputs)
+        self._samples(inputs)  # refuses packed rows
         si, presence = self.self_influence, self.reweighter
         # The engine sums the weighted gradient over ranks itself: run the unwrapped model so that
-        # DDP does not wait for a backward of its own.
+        # DDP does not wait for a backward of its own. PRESENCE's norms need every row's loss.
         with self.compute_loss_context_manager(), si.capture():
-            losses, _ = self._forward_losses(self.model, inputs)
+            inputs_ = {k: v for k, v in inputs.items() if k not in (self.weight_column, self.document_column)}
+            labels = inputs_.pop("labels")
+            outputs = self.model(**inputs_)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            losses = (self.per_sample_loss(outputs, labels) if not self._default_losses()
+                      else causal_lm_sequence_losses(logits, labels, shift=self.shift_labels))
         unit = presence.weights(si.norms(losses, microbatches=presence.microbatches))
         w = combine_weights(presence.per_sample(unit, losses.shape[0]), inputs.get(self.weight_column),
                             losses.shape[0], losses.device)
@@ -349,13 +573,24 @@ class ReweightingMixin:
         values = torch.stack([getattr(stats, f.name).detach().float().reshape(()) for f in fields(WeightStats)])
         self._stats_sum = values if self._stats_sum is None else self._stats_sum + values.to(self._stats_sum.device)
         self._stats_count += 1
+        # Every sample of the step, whether or not it took part (n counts those that did).
+        samples = (stats.n + stats.n_dropped).detach().float().reshape(())
+        self._samples_sum = samples if self._samples_sum is None else self._samples_sum + samples.to(
+            self._samples_sum.device)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds the mean weight diagnostics since the last training log as ``weights/<name>``."""
+        """Adds the mean weight diagnostics since the last training log as ``weights/<name>``.
+
+        ``weights/documents_per_step``: samples (documents, or rows when each row is one) per
+        optimizer step over all ranks, averaged over the steps since the last log.
+        """
         if self._stats_sum is not None and "loss" in logs:
             mean = (self._stats_sum / self._stats_count).tolist()
             logs = {**logs, **{f"weights/{f.name}": v for f, v in zip(fields(WeightStats), mean)}}
-            self._stats_sum, self._stats_count = None, 0
+            steps = max(int(self.state.global_step) - self._last_logged_step, 1)
+            logs["weights/documents_per_step"] = float(self._samples_sum) / steps
+            self._stats_sum, self._stats_count, self._samples_sum = None, 0, None
+            self._last_logged_step = int(self.state.global_step)
         super().log(logs, *args, **kwargs)
 
 
