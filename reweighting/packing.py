@@ -47,7 +47,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Documents", "DocumentLosses", "document_index", "document_losses"]
+__all__ = ["Documents", "DocumentLosses", "document_index", "document_losses", "pack_documents"]
 
 
 @dataclass(frozen=True)
@@ -318,3 +318,60 @@ def document_losses(
     has_loss = counts > 0
     mean = torch.where(has_loss, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
     return DocumentLosses(loss=mean, documents=documents, has_loss=has_loss)
+
+
+def pack_documents(
+    documents: list[torch.Tensor] | list[bytes],
+    width: int,
+    *,
+    min_tokens: int = 2,
+    pad_value: int = 0,
+    max_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack token sequences left to right into rows of ``width`` tokens, with per-row document ids.
+
+    Returns ``rows [N, width]`` (int64) and ``document_ids [N, width]`` (0, 1, ... along each row,
+    ``-1`` for padding), the ``document_ids`` form of :func:`document_index` with ``pad_id=-1``.
+    A document that does not fit in the rest of a row continues in the next one as a new document
+    (documents never cross rows); pieces shorter than ``min_tokens`` are not made: a row whose
+    remaining space is shorter is padded, and a document's last piece shorter than that is dropped
+    (with ``min_tokens=2`` every piece has at least one next-token prediction inside itself).
+    ``bytes`` documents are read as byte tokens.
+    """
+    if width < 1 or min_tokens < 1 or min_tokens > width:
+        raise ValueError(f"need 1 <= min_tokens <= width, got min_tokens={min_tokens}, width={width}")
+    rows: list[torch.Tensor] = []
+    ids: list[torch.Tensor] = []
+    row_tokens: list[torch.Tensor] = []
+    row_ids: list[torch.Tensor] = []
+    filled = 0
+
+    def close_row() -> None:
+        nonlocal row_tokens, row_ids, filled
+        if filled < width:
+            row_tokens.append(torch.full((width - filled,), pad_value, dtype=torch.long))
+            row_ids.append(torch.full((width - filled,), -1, dtype=torch.long))
+        rows.append(torch.cat(row_tokens))
+        ids.append(torch.cat(row_ids))
+        row_tokens, row_ids, filled = [], [], 0
+
+    for doc in documents:
+        tokens = torch.frombuffer(bytearray(doc), dtype=torch.uint8).long() if isinstance(doc, bytes) \
+            else torch.as_tensor(doc, dtype=torch.long).reshape(-1)
+        at = 0
+        while tokens.numel() - at >= min_tokens:
+            if width - filled < min_tokens:
+                close_row()
+                if max_rows is not None and len(rows) >= max_rows:
+                    return torch.stack(rows), torch.stack(ids)
+            take = min(tokens.numel() - at, width - filled)
+            row_tokens.append(tokens[at:at + take])
+            row_ids.append(torch.full((take,), len(row_ids) and int(row_ids[-1][0]) + 1, dtype=torch.long))
+            filled += take
+            at += take
+    if filled:
+        close_row()
+    if not rows:
+        raise ValueError(f"no document has {min_tokens} or more tokens: nothing to pack")
+    rows_t, ids_t = torch.stack(rows), torch.stack(ids)
+    return (rows_t, ids_t) if max_rows is None else (rows_t[:max_rows], ids_t[:max_rows])

@@ -247,3 +247,23 @@ def test_bad_arguments():
         document_losses(torch.zeros(2, 3), torch.ones(2, 4, dtype=torch.bool), document_ids=ids)
     with pytest.raises(ValueError, match="padding between real tokens"):
         document_losses(torch.zeros(1, 3), padding_mask=torch.tensor([[True, False, True]]))
+
+
+def test_pack_documents_rows_and_ids():
+    from reweighting.packing import pack_documents
+
+    docs = [bytes(range(1, 1 + n)) for n in (5, 3, 9, 1, 4, 7)]
+    rows, ids = pack_documents(docs, 6)
+    assert rows.shape == ids.shape and rows.shape[1] == 6
+    d = document_index(rows, document_ids=ids, pad_id=-1)
+    assert int(d.length.min()) >= 2
+    # Reading the pieces back in order gives every document (a 1-token document or tail is left out).
+    pieces = [rows[r, s:s + n].tolist() for r, s, n in zip(d.row.tolist(), d.start.tolist(), d.length.tolist())]
+    assert pieces == [[1, 2, 3, 4, 5], [1, 2, 3], [1, 2, 3], [4, 5, 6, 7, 8, 9], [1, 2, 3, 4], [1, 2],
+                      [3, 4, 5, 6, 7]]  # row 0 padded (1 slot left), document 3 (1 token) left out
+    assert ids[0, 5] == -1 and rows[ids == -1].eq(0).all()
+    assert pack_documents(docs, 6, max_rows=2)[0].shape == (2, 6)
+    with pytest.raises(ValueError, match="min_tokens"):
+        pack_documents(docs, 4, min_tokens=5)
+    with pytest.raises(ValueError, match="nothing to pack"):
+        pack_documents([b"x"], 4)
