@@ -312,6 +312,35 @@ def make_undumpable():
         raise OSError("the harness is still dumpable")
 
 
+def watch_files(limit, paths, state):
+    """Kill every other process of the sandbox once more than ``limit`` inodes (files, directories,
+    links) exist on the sandbox's tmpfs ``paths``: their size is capped by the mount, their number is
+    not. Polls every 10 ms, so the program may overshoot by what it creates in that time."""
+    import threading
+    import time
+
+    def run():
+        while True:
+            used = 0
+            for path in paths:
+                try:
+                    info = os.statvfs(path)
+                    used += info.f_files - info.f_ffree
+                except OSError:
+                    pass
+            if used > limit:
+                state["file_limit"] = True
+                try:
+                    os.kill(-1, signal.SIGKILL)  # from pid 1: every process of the namespace but this one
+                except OSError:
+                    pass
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+
 def status_of(pid):
     """How ``C`` ended: its exit code, or minus the signal number; ``None`` if it is still running."""
     try:
@@ -366,6 +395,10 @@ def main():
         except BaseException as exc:
             verdict["detail"] = "the tests themselves failed to load: {}: {}".format(*tuple(describe(exc)))
             check = None
+    state = {"file_limit": False}
+    if spec.get("watch_paths"):
+        # Started before the fork, so that a fork bomb cannot use up RLIMIT_NPROC first.
+        watch_files(int(spec["limits"]["max_files"]), spec["watch_paths"], state)
     req_r, req_w = os.pipe()
     res_r, res_w = os.pipe()
     pid = os.fork()
@@ -403,6 +436,8 @@ def main():
         verdict["detail"] = "{}: {}".format(*tuple(describe(exc)))
     if verdict["returncode"] is None:
         verdict["returncode"] = status_of(pid)
+    if state["file_limit"]:
+        verdict["status"], verdict["detail"] = "file_limit", "too many files or directories"
     try:
         os.kill(pid, signal.SIGKILL)
     except OSError:

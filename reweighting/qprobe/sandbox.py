@@ -34,8 +34,9 @@ system ``python3`` (``/usr/bin/python3``, ``/usr/local/bin/python3``), or
 Limits set before any program code runs, which the program cannot raise: CPU seconds per process
 (``RLIMIT_CPU``), address space per process (``RLIMIT_AS``), processes (``RLIMIT_NPROC``), size of
 one file (``RLIMIT_FSIZE``), open files, no core dumps; bytes written in all (two tmpfs of
-``max_disk_bytes``); standard output and error (read through pipes and capped at
-``max_output_bytes`` each: more ends the run); the wall clock.
+``max_disk_bytes``); files, directories and links on them (``max_files``: the harness polls the
+two file systems' inode counts every 10 ms and ends the run beyond it); standard output and error
+(read through pipes and capped at ``max_output_bytes`` each: more ends the run); the wall clock.
 
 The verdict
 -----------
@@ -64,8 +65,10 @@ Limits of this design, honestly
 - It relies on the Linux kernel and bubblewrap: a kernel bug reachable from an unprivileged user
   namespace is an escape. No seccomp filter narrows the system calls.
 - Memory is bounded per process (``RLIMIT_AS``) times the process limit, plus the two tmpfs; there is
-  no cgroup, so a run may use up to ``max_processes * memory_bytes`` of memory, and the kernel memory
-  of many empty files or directories on the tmpfs is bounded only by the CPU and wall-clock limits.
+  no cgroup, so a run may use up to ``max_processes * memory_bytes`` of memory. The file count is
+  polled, so a program overshoots ``max_files`` by what it creates in 10 ms (a few thousand), and
+  hard links (names without new inodes) are not counted: their kernel memory is bounded only by
+  the CPU and wall-clock limits, and freed with the sandbox.
 - CPU is limited per process, not per sandbox: ``max_processes`` busy processes use that many times
   ``cpu_seconds`` within ``wall_seconds``.
 - The program sees the read-only ``/usr`` (world-readable system files) and can read what it is
@@ -118,7 +121,8 @@ class SandboxUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class SandboxLimits:
     """Resource limits of one run (see the module docstring). ``max_disk_bytes`` bounds the private
-    working directory and the private ``/tmp`` each, and any one file."""
+    working directory and the private ``/tmp`` each, and any one file; ``max_files`` the files,
+    directories and links on both together. ``max_processes`` counts the harness's two tasks."""
 
     wall_seconds: float = 10.0
     cpu_seconds: int = 5
@@ -127,16 +131,17 @@ class SandboxLimits:
     max_output_bytes: int = 1 << 20
     max_open_files: int = 64
     max_disk_bytes: int = 16 << 20
+    max_files: int = 10_000
 
     def __post_init__(self):
         for name in ("wall_seconds", "cpu_seconds", "memory_bytes", "max_processes", "max_output_bytes",
-                     "max_open_files", "max_disk_bytes"):
+                     "max_open_files", "max_disk_bytes", "max_files"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"SandboxLimits.{name} must be a number > 0, got {value!r}")
-        if self.max_processes < 2:
-            raise ValueError(f"SandboxLimits.max_processes must be >= 2 (the harness and the program), "
-                             f"got {self.max_processes!r}")
+        if self.max_processes < 4:
+            raise ValueError(f"SandboxLimits.max_processes must be >= 4 (the harness's two tasks and the "
+                             f"program), got {self.max_processes!r}")
         if self.max_open_files < 16:
             raise ValueError(f"SandboxLimits.max_open_files must be >= 16 (the harness needs a few), "
                              f"got {self.max_open_files!r}")
@@ -171,8 +176,9 @@ class ExecutionResult:
     status that counts as a pass), ``"completed"`` (a plain source ran to its end without raising; the
     program's own claim, forgeable), ``"failed"`` (a test failed, the program raised or ended early, or
     the sandbox ended without a verdict; ``detail`` says which), ``"timeout"`` (wall clock),
-    ``"cpu_limit"`` or ``"output_limit"``. ``returncode`` is the program process's exit code (minus the
-    signal number) when known. ``stdout`` and ``stderr`` hold at most ``max_output_bytes`` each."""
+    ``"cpu_limit"``, ``"output_limit"`` or ``"file_limit"`` (``max_files``). ``returncode`` is the
+    program process's exit code (minus the signal number) when known. ``stdout`` and ``stderr`` hold at
+    most ``max_output_bytes`` each."""
 
     status: str
     returncode: int | None
@@ -289,13 +295,16 @@ def isolation_available() -> tuple[bool, str]:
 
 
 # ---------------------------------------------------------------------------------------- one run
-def _spec(program: str | TestedProgram, limits: SandboxLimits) -> dict:
+def _spec(program: str | TestedProgram, limits: SandboxLimits, isolation: str) -> dict:
     limit_values = {k: int(v) for k, v in asdict(limits).items() if k != "wall_seconds"}
+    watch = [_WORKDIR, "/tmp"] if isolation == "bwrap" else None
     if isinstance(program, TestedProgram):
-        return {"kind": "tested", "source": program.source, "prelude": program.prelude, "test": program.test,
-                "entry_point": program.entry_point, "run_name": "__candidate__", "limits": limit_values}
+        return {"kind": "tested", "watch_paths": watch, "source": program.source, "prelude": program.prelude,
+                "test": program.test, "entry_point": program.entry_point, "run_name": "__candidate__",
+                "limits": limit_values}
     if isinstance(program, str):
-        return {"kind": "script", "source": program, "run_name": "__main__", "limits": limit_values}
+        return {"kind": "script", "watch_paths": watch, "source": program, "run_name": "__main__",
+                "limits": limit_values}
     raise TypeError(f"program must be a TestedProgram or a str of Python source, got {type(program).__name__}")
 
 
@@ -360,7 +369,7 @@ def run_program(program: str | TestedProgram, limits: SandboxLimits | None = Non
         raise TypeError(f"limits must be a SandboxLimits, got {type(limits).__name__}")
     if isolation not in ISOLATIONS:
         raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
-    spec = _spec(program, limits)
+    spec = _spec(program, limits, isolation)
     if isolation == "bwrap":
         ok, reason = isolation_available()
         if not ok:
@@ -422,7 +431,7 @@ def run_program(program: str | TestedProgram, limits: SandboxLimits | None = Non
     return ExecutionResult(verdict["status"], returncode, stdout, stderr, seconds, verdict["detail"])
 
 
-_STATUSES = ("passed", "completed", "failed", "cpu_limit")
+_STATUSES = ("passed", "completed", "failed", "cpu_limit", "file_limit")
 
 
 def _parse_verdict(raw: bytes, token: bytes) -> dict | None:

@@ -34,7 +34,7 @@ from reweighting.qprobe.sandbox import (
 pytestmark = pytest.mark.skipif(not isolation_available()[0], reason=isolation_available()[1])
 
 TIGHT = SandboxLimits(wall_seconds=5.0, cpu_seconds=2, memory_bytes=256 << 20, max_processes=8,
-                      max_output_bytes=1 << 16, max_disk_bytes=4 << 20)
+                      max_output_bytes=1 << 16, max_disk_bytes=4 << 20, max_files=2000)
 ADD = {"prompt": 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n',
        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
                "    assert candidate(10**30, 1) == 10**30 + 1\n",
@@ -263,7 +263,7 @@ def _hostile_programs(env: dict) -> dict[str, tuple[str, str]]:
             "each tmpfs is max_disk_bytes; the rest of the file system is read-only"),
         "disk bomb: many small files": (
             WRONG + "import os\ni = 0\nwhile True:\n    open(f'f{i}', 'w').close()\n    i += 1\n",
-            "the CPU or wall-clock limit ends it; the files vanish with the sandbox's tmpfs"),
+            "max_files ends it; the files vanish with the sandbox's tmpfs"),
         "infinite loop in the function": ("    while True:\n        pass\n", "RLIMIT_CPU"),
         "sleep forever": ("    import time\n    time.sleep(10**6)\n", "the wall clock"),
     }
@@ -334,6 +334,7 @@ def test_limits_name_how_runs_ended(hostile_run):
     results = hostile_run["results"]
     assert results["infinite loop in the function"].status in ("cpu_limit", "timeout")
     assert results["sleep forever"].status == "timeout"
+    assert results["disk bomb: many small files"].status == "file_limit"
     assert results["output bomb"].status == "output_limit"
     assert len(results["output bomb"].stdout) <= TIGHT.max_output_bytes
     assert "MemoryError" in results["memory bomb"].detail
