@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from . import Study, StudyContext, StudyOutcome
+from . import Baseline, Study, StudyContext, StudyOutcome, check_baseline, compare, decide
 
 PROMPT_LEN = 6  # "37+48="
 MAX_NEW = 4  # up to three digits and ";"
@@ -27,7 +27,17 @@ ALPHABET = "0123456789;+=YN"
 STOP = ALPHABET.index(";")
 ANSWER_TOKENS = 11  # answers are sampled from the digits and ";", the first 11 symbols
 OBJECTIVES = {"L_Q": "mse", "L_CE": "bce", "L_PG": "pg"}
-TUNED = "tuned"  # the key of each probe's results at its own beta
+TUNED = "tuned"  # the key of each probe's results at its own beta (chosen per k)
+# The base model is healthy for this study when choosing can pay: pass@k minus pass@1 on the test
+# prompts (the oracle's headroom over one sample) reaches this. A model that is never right, or
+# always right, leaves nothing to choose and makes every comparison of probes meaningless.
+HEALTHY_HEADROOM = 0.1
+
+
+def baseline_health(pass_at_1: list[float], pass_at_k: list[float], k: int, bar: float = HEALTHY_HEADROOM) -> Baseline:
+    """The health check: mean over seeds of ``pass@k - pass@1`` against ``bar``."""
+    headroom = sum(b - a for a, b in zip(pass_at_1, pass_at_k)) / len(pass_at_1)
+    return check_baseline(f"pass@{k} - pass@1 on the test prompts (room for a choice to pay)", headroom, bar)
 
 
 @dataclass(frozen=True)
@@ -122,7 +132,7 @@ def _sample(model, pairs: torch.Tensor, n: int, generator: torch.Generator, devi
 
 
 def _train_lm(cfg: ArithmeticConfig, train_pairs: torch.Tensor, check_pairs: torch.Tensor, seed: int, device,
-              ctx: StudyContext) -> tuple[torch.nn.Module, int, float]:
+              ctx: StudyContext) -> tuple[torch.nn.Module, int, float, float]:
     """Train on answers and verdicts, stopping once sampled accuracy on held-out prompts reaches the target.
 
     Half of each batch is right answers ``"a+b=c;Y"`` (loss on the answer, ";" and "Y"), half is
@@ -137,7 +147,7 @@ def _train_lm(cfg: ArithmeticConfig, train_pairs: torch.Tensor, check_pairs: tor
     model = TinyGPT(GPTConfig(vocab_size=len(ALPHABET), context=PROMPT_LEN + MAX_NEW, dim=cfg.dim,
                               layers=cfg.layers, heads=cfg.heads)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lm_lr)
-    accuracy, step = 0.0, 0
+    accuracy, step, losses = 0.0, 0, []
     half = cfg.lm_batch // 2
     rows = torch.arange(cfg.lm_batch)
     for step in ctx.progress(range(1, cfg.lm_max_steps + 1), desc=f"train GPT on addition (seed {seed})"):
@@ -158,6 +168,7 @@ def _train_lm(cfg: ArithmeticConfig, train_pairs: torch.Tensor, check_pairs: tor
             weight[i, PROMPT_LEN - 1: verdict_at[i]] = 1.0
         weight[rows[half:], verdict_at[half:] - 1] = 1.0
         loss = (token_loss * weight).sum() / weight.sum()
+        losses.append(float(loss.detach()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -167,7 +178,7 @@ def _train_lm(cfg: ArithmeticConfig, train_pairs: torch.Tensor, check_pairs: tor
             model.train()
             if accuracy >= cfg.target_accuracy:
                 break
-    return model.eval(), step, accuracy
+    return model.eval(), step, accuracy, sum(losses[-10:]) / len(losses[-10:])
 
 
 def fit_and_evaluate(cfg, train_features: torch.Tensor, train_rewards: torch.Tensor, test_features: torch.Tensor,
@@ -176,7 +187,9 @@ def fit_and_evaluate(cfg, train_features: torch.Tensor, train_rewards: torch.Ten
 
     Rewards are ``[prompts, k]``; features are ``[prompts * k, D]`` or ``[prompts, k, D]``. Each
     probe's tuned beta is the one of ``cfg.betas`` with the highest expected return on the training
-    prompts (k = all training samples). Returns ``baseline``, ``pass_at_k``, ``probes`` and ``tuned_beta``.
+    prompts at that k (as the paper tunes beta on training data; for a k above the number of training
+    samples per prompt, the beta chosen at that number). Returns ``baseline``, ``pass_at_k``, ``probes``
+    (per beta and ``TUNED``, each ``{k: expected return}``) and ``tuned_beta`` (``{probe: {k: beta}}``).
     """
     from ..qprobe import evaluate_probe, expected_return, fit_probe
 
@@ -194,9 +207,13 @@ def fit_and_evaluate(cfg, train_features: torch.Tensor, train_rewards: torch.Ten
         table = evaluate_probe(q, test_rewards, cfg.ks, cfg.betas)
         out["baseline"], out["pass_at_k"] = table["baseline"], table["pass_at_k"]
         q_train = probe.score(train_features.to(ctx.device)).cpu().view(n_train, k_train)
-        on_train = {b: float(expected_return(q_train, train_rewards, k_train, b)) for b in cfg.betas}
-        chosen = max(cfg.betas, key=lambda b: on_train[b])
-        out["probes"][name] = {**table["expected_return"], TUNED: table["expected_return"][chosen]}
+        chosen = {}
+        for k in cfg.ks:
+            k_fit = min(k, k_train)
+            on_train = {b: float(expected_return(q_train, train_rewards, k_fit, b)) for b in cfg.betas}
+            chosen[k] = max(cfg.betas, key=lambda b, on_train=on_train: on_train[b])  # first best on ties
+        tuned = {k: table["expected_return"][chosen[k]][k] for k in cfg.ks}
+        out["probes"][name] = {**table["expected_return"], TUNED: tuned}
         out["tuned_beta"][name] = chosen
     return out
 
@@ -212,11 +229,12 @@ def _one_seed(cfg: ArithmeticConfig, seed: int, ctx: StudyContext) -> dict:
     # The base model sees none of the prompts the probes are trained or tested on, so that both sets
     # are equally new to it (features of memorised prompts would differ from those of new ones).
     lm_pairs = pairs[cfg.test_prompts + cfg.train_prompts + 200:]
-    model, steps, accuracy = _train_lm(cfg, lm_pairs, check, seed, device, ctx)
+    model, steps, accuracy, lm_loss = _train_lm(cfg, lm_pairs, check, seed, device, ctx)
 
     train = _sample(model, probe_train, cfg.train_samples, g, device, cfg.temperature)
     held = _sample(model, test, cfg.test_samples, g, device, cfg.temperature)
-    out = {"lm_steps": steps, "lm_check_accuracy": accuracy, "train_mean_reward": float(train["rewards"].mean())}
+    out = {"lm_steps": steps, "lm_check_accuracy": accuracy, "lm_final_loss": lm_loss,
+           "train_mean_reward": float(train["rewards"].mean())}
     out.update(fit_and_evaluate(cfg, train["features"], train["rewards"], held["features"], held["rewards"], seed, ctx))
     return out
 
@@ -226,7 +244,7 @@ def _beta_key(cfg):
 
 
 def _beta_label(cfg) -> str:
-    return "beta chosen per probe on its training prompts" if cfg.beta is None else f"beta = {cfg.beta}"
+    return "beta chosen per probe and k on its training prompts" if cfg.beta is None else f"beta = {cfg.beta}"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -273,6 +291,22 @@ def _plots(cfg: ArithmeticConfig, runs: list[dict], ctx: StudyContext, prefix: s
     return names
 
 
+def claim_parts(cfg, runs: list[dict]) -> list:
+    """The claim's parts, each paired by seed: every probe beats pass@1 at the largest k, L_PG beats
+    L_CE and L_Q there, and L_PG improves from the middle k to the largest."""
+    k_max, beta = max(cfg.ks), _beta_key(cfg)
+    k_mid = sorted(cfg.ks)[len(cfg.ks) // 2]
+
+    def at(name: str, k: int) -> list[float]:
+        return [r["probes"][name][beta][k] for r in runs]
+
+    base = [r["baseline"] for r in runs]
+    parts = [compare(f"{name} > pass@1 (k={k_max})", at(name, k_max), base) for name in OBJECTIVES]
+    parts += [compare(f"L_PG > {other} (k={k_max})", at("L_PG", k_max), at(other, k_max)) for other in ("L_CE", "L_Q")]
+    parts.append(compare(f"L_PG improves from k={k_mid} to k={k_max}", at("L_PG", k_max), at("L_PG", k_mid)))
+    return parts
+
+
 def summarize_runs(cfg, runs: list[dict], ctx: StudyContext, prefix: str, extra_config: dict) -> StudyOutcome:
     """Per-seed metric at the largest k and ``cfg.beta``, the claim's verdict, tables and plots."""
     k_max, beta = max(cfg.ks), _beta_key(cfg)
@@ -281,27 +315,25 @@ def summarize_runs(cfg, runs: list[dict], ctx: StudyContext, prefix: str, extra_
         methods[name] = [r["probes"][name][beta][k_max] for r in runs]
     methods[f"pass@{k_max} (oracle)"] = [r["pass_at_k"][k_max] for r in runs]
     mean = {name: _mean_std(v)[0] for name, v in methods.items()}
-    k_mid = sorted(cfg.ks)[len(cfg.ks) // 2]
-    pg_gain = _mean_std([r["probes"]["L_PG"][beta][k_max] - r["probes"]["L_PG"][beta][k_mid] for r in runs])[0]
-    checks = {
-        "L_PG > L_CE": mean["L_PG"] > mean["L_CE"],
-        "L_PG > L_Q": mean["L_PG"] > mean["L_Q"],
-        "every probe > pass@1": all(mean[n] > mean["pass@1"] for n in OBJECTIVES),
-        f"L_PG improves from k={k_mid} to k={k_max}": pg_gain > 0,
-    }
-    holds = all(checks.values())
+    baseline = baseline_health(methods["pass@1"], methods[f"pass@{k_max} (oracle)"], k_max)
+    parts = claim_parts(cfg, runs)
+    verdict = decide(parts, baseline)
     by_k = {name: {k: _mean_std([r["probes"][name][beta][k] for r in runs]) for k in cfg.ks} for name in OBJECTIVES}
     lines = [f"Expected reward of selecting one of k samples by `softmax(Q / beta)`, {_beta_label(cfg)} "
-             "(mean over seeds):", "",
+             f"(mean over {len(runs)} seed(s)):", "",
              "| k | pass@1 | " + " | ".join(OBJECTIVES) + " | pass@k |", "|---" * (len(OBJECTIVES) + 3) + "|"]
     for k in cfg.ks:
         sky = _mean_std([r["pass_at_k"][k] for r in runs])[0]
         lines.append(f"| {k} | {mean['pass@1']:.3f} | " + " | ".join(f"{by_k[n][k][0]:.3f}" for n in OBJECTIVES)
                      + f" | {sky:.3f} |")
-    lines += ["", "Checks: " + "; ".join(f"{c}: {'yes' if ok else 'NO'}" for c, ok in checks.items()) + "."]
-    if not holds:
-        failed = [c for c, ok in checks.items() if not ok]
-        lines.append(f"The claim does not hold in this run because of: {', '.join(failed)}.")
+    lines += ["", "| part of the claim | verdict | margin | noise | seeds |", "|---|---|---|---|---|"]
+    for part in parts:
+        noise = f"{part.noise:.4f}" if part.noise is not None else "n/a (1 seed)"
+        lines.append(f"| {part.name} | {part.verdict} | {part.margin:+.4f} | {noise} | {part.n} |")
+    lines += ["", f"Baseline: {baseline.describe()}. Verdict on the whole claim: **{verdict}**."]
+    failed = [p.name for p in parts if p.verdict != "holds"]
+    if failed and baseline.healthy:
+        lines.append(f"Parts that did not hold (or could not be told from the noise): {', '.join(failed)}.")
     peaks = {n: max(cfg.ks, key=lambda k, n=n: by_k[n][k][0]) for n in OBJECTIVES}
     if any(peak < k_max for peak in peaks.values()):
         lines.append(
@@ -310,18 +342,19 @@ def summarize_runs(cfg, runs: list[dict], ctx: StudyContext, prefix: str, extra_
             "completion gets a higher Q than every right one, so a probe's rare large errors start to "
             "decide the choice (the paper's probes on a 7B model kept improving up to k = 48).")
     plots = _plots(cfg, runs, ctx, prefix)
-    details = {"checks": checks, "per_seed": runs,
+    details = {"per_seed": runs,
                "expected_return_by_k": {n: {k: v[0] for k, v in d.items()} for n, d in by_k.items()}}
-    config = {**asdict(cfg), **extra_config}
-    return StudyOutcome(methods=methods, holds=holds, config=config, summary="\n".join(lines), details=details,
-                        plots=plots)
+    config = {**asdict(cfg), **extra_config, "healthy_headroom": HEALTHY_HEADROOM}
+    return StudyOutcome(methods=methods, holds=verdict == "holds", config=config, summary="\n".join(lines),
+                        details=details, plots=plots, parts=parts, baseline=baseline)
 
 
 def run_arithmetic(cfg: ArithmeticConfig, ctx: StudyContext) -> StudyOutcome:
     """The whole study for one configuration (``FULL``, ``QUICK`` or ``SMOKE``)."""
     runs = [_one_seed(cfg, seed, ctx) for seed in ctx.progress(ctx.seeds, desc="qprobe seeds")]
     extra = {"lm_steps": [r["lm_steps"] for r in runs], "train_mean_reward": [r["train_mean_reward"] for r in runs],
-             "tuned_beta": [r["tuned_beta"] for r in runs]}
+             "lm_check_accuracy": [r["lm_check_accuracy"] for r in runs],
+             "lm_final_loss": [r["lm_final_loss"] for r in runs], "tuned_beta": [r["tuned_beta"] for r in runs]}
     return summarize_runs(cfg, runs, ctx, "tiny GPT, addition", extra)
 
 
@@ -333,7 +366,7 @@ STUDY = Study(
     name="qprobe",
     claim=("Choosing among k samples with a Q-probe beats one sample; L_PG beats L_CE and L_Q and keeps "
            "improving with k (Li et al., 2024)"),
-    metric="expected reward at the largest k (beta per probe, chosen on training prompts)",
+    metric="expected reward at the largest k (beta per probe and k, chosen on training prompts)",
     lower_is_better=False,
     run=_run,
     seeds=5,
