@@ -341,10 +341,11 @@ class LossReweighter:
         bad = taking_part & ~finite
         keep = taking_part & finite if self.nonfinite == "zero" else taking_part
         if checks_enabled():
-            if self.nonfinite == "raise" and bool(bad.any()):
+            any_bad, any_kept = torch.stack([bad.any(), keep.any()]).tolist()  # one host read
+            if self.nonfinite == "raise" and any_bad:
                 raise self._nonfinite_error(bad, everything, offset, n_local,
                                             counts if D.is_distributed(self.group) else None)
-            if not bool(keep.any()):
+            if not any_kept:
                 raise ValueError(
                     f"no sample of per_sample_loss is left to weight over the global batch of {rows.shape[0]}: "
                     f"{int((~taking_part).sum())} excluded by mask, {int(bad.sum())} non-finite"
@@ -365,8 +366,9 @@ class LossReweighter:
                 weights = tilt(scores, temperature, mask=None if all_kept else keep, group=local)
         n_masked = (~taking_part).sum()
         n_bad = bad.sum() if self.nonfinite == "zero" else 0
-        self.stats = weight_stats(weights, mask=None if all_kept else keep, n_nonfinite=bad.sum(),
-                                  n_dropped=n_masked + n_bad, n_masked=n_masked, group=local)
+        with checks(False):  # the weights were made here: no host read to re-check them
+            self.stats = weight_stats(weights, mask=None if all_kept else keep, n_nonfinite=bad.sum(),
+                                      n_dropped=n_masked + n_bad, n_masked=n_masked, group=local)
         mine = weights[offset : offset + n_local]
         return mine, (None if all_kept else keep[offset : offset + n_local])
 
