@@ -17,6 +17,14 @@ window (exact: the same update as one step on the concatenated window), ``micro`
 (the loss-based paper's behaviour). The run is the same, up to floating-point rounding, for any
 number of processes with the same ``--batch-size`` (global), which the test suite checks.
 
+``--packed``: pre-training packs several documents into each row. The corpus is cut into short
+documents (each file's blank-line separated blocks: functions, classes, docstrings), packed left to
+right into rows with per-row document ids (:func:`reweighting.packing.pack_documents`), and the
+sample the reweighter weights is a **document**: its mean next-token loss over its own tokens
+(:func:`reweighting.packing.document_losses`; the prediction of a document's first token from the
+previous document is left out). The number of documents differs per micro-batch and per rank;
+the weights are normalised over all of them. PRESENCE scores rows and is refused here.
+
 Mixed precision (``--amp bf16`` or ``fp16``): the forward runs under autocast, losses and weights
 are float32; fp16 adds a gradient scaler, applied to the per-sample losses' gradients so that it
 works with every reweighter (their weights see the unscaled losses).
@@ -37,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import reweighting as rw
 from reweighting import distributed as D
+from reweighting.packing import document_index, document_losses, pack_documents
 from reweighting.studies.lm import GPTConfig, TinyGPT, pack_sequences, stdlib_documents
 
 LOSS_STRATEGIES = ("uniform", "linupper", "quadratic", "extremes")
@@ -55,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batches", type=int, default=1, help="gradient-accumulation micro-batches per step")
     p.add_argument("--accumulation", choices=("global", "micro"), default="global")
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--packed", action="store_true",
+                   help="several short documents per row with document ids; weight documents, not rows")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -103,6 +114,26 @@ def sequence_losses(model: torch.nn.Module, batch: torch.Tensor, autocast) -> to
     return rw.sequence_loss(token_loss)
 
 
+def packed_document_losses(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], autocast) -> torch.Tensor:
+    """Per-document mean next-token loss ``[N]`` (float32) for packed rows ``[B, T + 1]`` and their document ids.
+
+    Position ``t`` predicts token ``t + 1`` and belongs to that token's document; the prediction of
+    a document's first token (from the previous document) and padding carry no loss.
+    """
+    rows, ids = batch
+    with autocast():
+        logits = model(rows[:, :-1])
+    token_loss = F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")
+    targets = ids[:, 1:]
+    carries = (ids[:, :-1] == targets) & (targets >= 0)
+    return document_losses(token_loss, carries, document_ids=targets, pad_id=-1).loss
+
+
+def split_documents(files: list[bytes], min_bytes: int = 16) -> list[bytes]:
+    """Each file's blank-line separated blocks (functions, classes, docstrings) as short documents."""
+    return [block for f in files for block in f.split(b"\n\n") if len(block) >= min_bytes]
+
+
 def heldout_loss(model: TinyGPT, data: torch.Tensor, autocast) -> float:
     model.eval()
     with torch.no_grad():
@@ -121,7 +152,14 @@ def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
 
     documents, heldout_documents = stdlib_documents(args.max_documents)
-    data = pack_sequences(documents, args.seq_len)
+    if args.packed:
+        if args.reweighter == "presence":
+            raise ValueError("--packed weights documents; PRESENCE's self-influence here scores rows: use a "
+                             "loss-based reweighter or none")
+        data, doc_ids = pack_documents(split_documents(documents), args.seq_len + 1)
+    else:
+        data, doc_ids = pack_sequences(documents, args.seq_len), None
+    # The held-out loss is on whole windows in both modes, so runs with and without --packed compare.
     heldout = pack_sequences(heldout_documents, args.seq_len, max_sequences=args.eval_sequences).to(device)
     # Uniform dataset weights here; update_weights() would change them between epochs (resampling).
     sampler = rw.DistributedWeightedSampler(torch.ones(len(data)), num_samples=args.steps * args.batch_size,
@@ -154,26 +192,37 @@ def train(args: argparse.Namespace) -> dict:
         # The engine writes the weighted gradient itself (summed over ranks), so it runs on the bare model.
         si = rw.SelfInfluence(model, broadcast=[model.pos])
 
-    losses_log, ess_log = [], []
+    def sample_losses(net: torch.nn.Module, mb) -> torch.Tensor:
+        return packed_document_losses(net, mb, autocast) if args.packed else sequence_losses(net, mb, autocast)
+
+    losses_log, ess_log, documents_log = [], [], []
     start = time.perf_counter()
     for step in range(args.steps):
-        batch = torch.stack([data[next(indices)] for _ in range(per_rank)]).to(device)
+        rows = torch.tensor([next(indices) for _ in range(per_rank)])
+        batch = data[rows].to(device)
         micro_batches = list(batch.chunk(args.micro_batches))
+        if args.packed:
+            micro_batches = list(zip(micro_batches, doc_ids[rows].to(device).chunk(args.micro_batches)))
         K = len(micro_batches)
+        counts = [document_index(mb[1], document_ids=mb[1], pad_id=-1).count if args.packed else mb.shape[0]
+                  for mb in micro_batches]
+        # Samples in the global window: the rows, or (packed) the documents of all ranks, one all-reduce.
+        window_size = (D.all_reduce_sum(torch.tensor(float(sum(counts)), device=device)) if args.packed
+                       else torch.tensor(float(args.batch_size), device=device))
         loss_scale = scaler.scale(torch.ones((), device=device)) if scaler else None
         if args.reweighter == "none":
             # Plain mean over the global window: weights 1 / (global batch) on every sample.
             total = torch.zeros((), device=device)
             for k, mb in enumerate(micro_batches):
                 with no_sync() if (no_sync and k < K - 1) else nullcontext():
-                    losses = sequence_losses(ddp, mb, autocast)
-                    weights = torch.full_like(losses, 1.0 / args.batch_size).detach()
+                    losses = sample_losses(ddp, mb)
+                    weights = (torch.ones_like(losses) / window_size).detach()
                     loss = rw.weighted_loss(scaled(losses), weights)
                     loss.backward()
                 total += loss.detach()
             objective, stats = total, None
         elif si is None:
-            objective = reweighter.accumulate(micro_batches, lambda mb: scaled(sequence_losses(ddp, mb, autocast)),
+            objective = reweighter.accumulate(micro_batches, lambda mb: scaled(sample_losses(ddp, mb)),
                                               no_sync=no_sync)
             stats = reweighter.stats
         else:
@@ -199,13 +248,15 @@ def train(args: argparse.Namespace) -> dict:
         global_objective = float(D.all_reduce_sum(objective.detach().float()) / world)
         losses_log.append(global_objective)
         ess_log.append(float(stats.ess_fraction) if stats is not None else 1.0)
+        documents_log.append(int(window_size))
         if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
             print(f"step {step:5d}  loss {global_objective:.4f}  ess/n {ess_log[-1]:.3f}  "
-                  f"{time.perf_counter() - start:.1f}s", flush=True)
+                  f"samples {documents_log[-1]}  {time.perf_counter() - start:.1f}s", flush=True)
 
     result = {"reweighter": args.reweighter, "world_size": world, "steps": args.steps,
               "batch_size": args.batch_size, "micro_batches": args.micro_batches, "accumulation": args.accumulation,
-              "amp": args.amp, "device": str(device), "losses": losses_log, "ess_fraction": ess_log,
+              "amp": args.amp, "device": str(device), "packed": args.packed, "losses": losses_log,
+              "ess_fraction": ess_log, "samples_per_step": documents_log,
               "heldout_loss": heldout_loss(model, heldout, autocast), "seconds": time.perf_counter() - start}
     if rank == 0:
         print(f"held-out loss {result['heldout_loss']:.4f}")

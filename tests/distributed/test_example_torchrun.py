@@ -23,6 +23,9 @@ CONFIGS = {
     "quadratic-micro": ["--reweighter", "quadratic", "--accumulation", "micro"],
     "none": ["--reweighter", "none"],
     "presence": ["--reweighter", "presence", "--accumulation", "micro", "--switch-step", "2"],
+    # Several documents per row, a different number on each rank: weights over all documents.
+    "packed-linupper": ["--reweighter", "linupper", "--accumulation", "global", "--packed"],
+    "packed-none": ["--reweighter", "none", "--packed"],
 }
 
 
@@ -44,6 +47,7 @@ def assert_same_run(got: dict, want: dict) -> None:
     assert got["losses"] == pytest.approx(want["losses"], rel=1e-4)
     assert got["ess_fraction"] == pytest.approx(want["ess_fraction"], rel=1e-4)
     assert got["heldout_loss"] == pytest.approx(want["heldout_loss"], rel=1e-4)
+    assert got["samples_per_step"] == want["samples_per_step"]
     assert got["losses"][-1] < got["losses"][0]  # it trains
 
 
@@ -91,9 +95,20 @@ def _run_configs(rank, world, configs):
 
 
 def test_every_reweighter_on_two_gloo_processes_equals_one_process():
-    configs = ["none", "quadratic-micro", "presence"]
+    configs = ["none", "quadratic-micro", "presence", "packed-linupper", "packed-none"]
     results = launch(_run_configs, 2, configs, timeout=300)
     for config in configs:
         want = single_process(config)
         for per_rank in results:
             assert_same_run(per_rank[config], want)
+
+
+def test_packed_mode_weights_documents_not_rows():
+    """--packed: more samples than rows per step, and the documents' losses differ from the rows' run."""
+    packed, rows = single_process("packed-linupper"), single_process("linupper")
+    assert all(n >= 8 for n in packed["samples_per_step"]) and max(packed["samples_per_step"]) > 8
+    assert rows["samples_per_step"] == [8, 8, 8]
+    assert packed["losses"][-1] < packed["losses"][0]
+    example = load_example()
+    with pytest.raises(ValueError, match="PRESENCE"):
+        example.train(example.parse_args(TINY + ["--reweighter", "presence", "--packed"]))
