@@ -15,7 +15,16 @@ from .fit import chunk_groups, fit_probe
 from .objectives import OBJECTIVES, bce_loss, mse_loss, pg_loss, preference_loss
 from .probe import QProbe
 from .rewards import exact_match, extract_number, numeric_match
-from .sandbox import ExecutionResult, SandboxLimits, code_reward, humaneval_program, run_program, run_programs
+from .sandbox import (
+    ExecutionResult,
+    SandboxLimits,
+    SandboxUnavailable,
+    TestedProgram,
+    code_reward,
+    humaneval_program,
+    run_program,
+    run_programs,
+)
 from .select import select, selection_weights
 
 __all__ = [
@@ -24,7 +33,9 @@ __all__ = [
     "OpenAICompatible",
     "QProbe",
     "SandboxLimits",
+    "SandboxUnavailable",
     "Samples",
+    "TestedProgram",
     "code_reward",
     "exact_match",
     "extract_number",
