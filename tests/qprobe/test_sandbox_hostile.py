@@ -23,7 +23,6 @@ import pytest
 
 from reweighting.qprobe import sandbox
 from reweighting.qprobe.sandbox import (
-    UID_BASE,
     SandboxLimits,
     code_reward,
     humaneval_program,
@@ -83,7 +82,7 @@ def _sandbox_uid_processes() -> list[int]:
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                if entry.stat().st_uid == UID_BASE:
+                if entry.stat().st_uid == sandbox.UID_BASE:
                     found.append(int(entry.name))
             except OSError:
                 pass
@@ -271,6 +270,14 @@ def _hostile_programs(env: dict) -> dict[str, tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def hostile_run(tmp_path_factory):
+    # A uid of this test process's own, so that sandboxes of other test processes running at the same
+    # time (pytest -n) are not counted as leftovers of these runs.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sandbox, "UID_BASE", 62000 + os.getpid() % 1000)
+        yield from _hostile_run(tmp_path_factory)
+
+
+def _hostile_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("hostile")
     token = uuid.uuid4().hex
     env = {"host_tmp": Path(tempfile.gettempdir()) / f"reweighting-escape-{token}", "owned": base / "owned.txt",
@@ -283,11 +290,12 @@ def hostile_run(tmp_path_factory):
     server = LoopbackServer()
     env["port"], env["udp_port"] = server.port, server.udp_port
     # A process of the sandbox's own uid outside any sandbox: kill(-1) from inside must not reach it.
-    identity = ["setpriv", f"--reuid={UID_BASE}", f"--regid={UID_BASE}", "--clear-groups"] \
+    identity = ["setpriv", f"--reuid={sandbox.UID_BASE}", f"--regid={sandbox.UID_BASE}", "--clear-groups"] \
         if os.geteuid() == 0 and shutil.which("setpriv") else []
     sentinel = subprocess.Popen([*identity, "sleep", "300"])
     env["sentinel"] = sentinel.pid
-    before_tmp = {p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith("reweighting")}
+    # What the previous evaluator left in the shared temporary directory: lock files and work directories.
+    before_tmp = {p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith("reweighting-sandbox")}
     programs = _hostile_programs(env)
     problems = [humaneval_program(ADD, completion) for completion, _ in programs.values()]
     start = time.perf_counter()
@@ -302,7 +310,7 @@ def hostile_run(tmp_path_factory):
         sentinel.wait()
         server.close()
         del os.environ["REWEIGHTING_TEST_SECRET"]
-    after_tmp = {p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith("reweighting")}
+    after_tmp = {p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith("reweighting-sandbox")}
     print(f"{len(programs)} hostile programs in {seconds:.1f} s")
     yield {"env": env, "results": dict(zip(programs, results)), "rewards": rewards, "received": server.received,
            "sentinel_alive": sentinel_alive, "new_tmp": after_tmp - before_tmp}
