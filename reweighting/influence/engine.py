@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
 from .. import distributed as D
@@ -104,10 +105,14 @@ class _Call:
     name: str
     module: nn.Module | types.SimpleNamespace
     params: dict[str, nn.Parameter]  # rule's parameter names -> the engine's (canonical) parameters
-    outputs: list[torch.Tensor]  # the call's outputs that carry gradient, in the rule's order
-    versions: list[int]
+    # Where each output's gradient enters the graph (None: no gradient), not the outputs themselves:
+    # holding the outputs would keep every layer's output alive through the backward, and an edge
+    # still gives the right gradient when the output is later modified in place (ReLU(inplace=True)).
+    edges: list
+    like: list  # (shape, dtype, device) of each output, for a zero gradient where none arrives
     stops: set = field(default_factory=set)  # grad_fn nodes of the call's inputs: where its own graph ends
     activation: torch.Tensor | None = None  # the first input (module and functional rules)
+    version: int = 0  # the first input's version counter when captured
     inputs: tuple = ()  # every argument, detached (call rules)
     kwargs: dict = field(default_factory=dict)
     call_rule: bool = False
@@ -126,6 +131,15 @@ def _detach_all(args: tuple) -> tuple:
 
 def _stops(values: Iterable) -> set:
     return {v.grad_fn for v in values if isinstance(v, torch.Tensor) and v.grad_fn is not None}
+
+
+def _edges(outputs: Iterable) -> tuple[list, list]:
+    edges, like = [], []
+    for o in outputs:
+        ok = isinstance(o, torch.Tensor) and o.requires_grad
+        edges.append(get_gradient_edge(o) if ok else None)
+        like.append((o.shape, o.dtype, o.device) if isinstance(o, torch.Tensor) else None)
+    return edges, like
 
 
 class _FunctionalUses(TorchFunctionMode):
@@ -342,10 +356,10 @@ class SelfInfluence:
             batch = args[0].shape[0] if getattr(module, "batch_first", True) else args[0].shape[1]
             if self._batch_size is None:
                 self._batch_size = batch
-            # Outputs that carry no gradient get a placeholder so that the rule sees them in order.
+            inputs = _detach_all(args)
             self._calls.append(_Call(
-                self._names[module], module, params, list(outs), [getattr(o, "_version", 0) for o in outs],
-                stops=_stops(args) | _stops(kwargs.values()), inputs=_detach_all(args), kwargs=dict(kwargs),
+                self._names[module], module, params, *_edges(outs), stops=_stops(args) | _stops(kwargs.values()),
+                activation=inputs[0], version=inputs[0]._version, inputs=inputs, kwargs=dict(kwargs),
                 call_rule=True))
             return None
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
@@ -372,8 +386,9 @@ class SelfInfluence:
                 activation = activation.unsqueeze(0).expand(b, *activation.shape)
         elif self._batch_size is None:
             self._batch_size = activation.shape[0]
-        self._calls.append(_Call(self._names[module], module, params, [output], [output._version],
-                                 stops=_stops(args) | _stops(kwargs.values()), activation=activation))
+        self._calls.append(_Call(self._names[module], module, params, *_edges([output]),
+                                 stops=_stops(args) | _stops(kwargs.values()), activation=activation,
+                                 version=raw._version))
         return output if module in self._broadcast else None
 
     def _functional_linear(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
@@ -393,8 +408,8 @@ class SelfInfluence:
                                       in_features=weight.shape[1], out_features=weight.shape[0])
         if self._batch_size is None:
             self._batch_size = x.shape[0]
-        self._calls.append(_Call(f"F.linear(..., {self._name_of(p)})", owner, params, [out], [out._version],
-                                 stops=_stops([x]), activation=x.detach()))
+        self._calls.append(_Call(f"F.linear(..., {self._name_of(p)})", owner, params, *_edges([out]),
+                                 stops=_stops([x]), activation=x.detach(), version=x._version))
 
     def clear(self) -> None:
         """Drop the stored activations, output gradients and graph references."""
@@ -434,7 +449,7 @@ class SelfInfluence:
                     stack.append(child)
         for c in self._calls:
             own = set(c.params.values())
-            seen_c, stack = set(), [o.grad_fn for o in c.outputs if isinstance(o, torch.Tensor) and o.grad_fn]
+            seen_c, stack = set(), [e.node for e in c.edges if e is not None]
             while stack:
                 node = stack.pop()
                 if node in seen_c or node in c.stops:
@@ -494,75 +509,91 @@ class SelfInfluence:
                     g = torch.stack([c.sum(0) for c in g.split(sizes)])
                 total += sq_norms(g)
 
-        outputs: list[torch.Tensor] = []
+        edges = []
         for c in self._calls:
-            for o, v in zip(c.outputs, c.versions):
-                if isinstance(o, torch.Tensor) and o._version != v:
-                    raise RuntimeError(
-                        f"the output of module {c.name!r} ({type(c.module).__name__}) was modified in place after "
-                        "its forward (e.g. by ReLU(inplace=True)); its output gradient cannot be recovered: "
-                        "make that operation out of place"
-                    )
-            outputs += [o for o in c.outputs if isinstance(o, torch.Tensor) and o.requires_grad]
-        grads = list(torch.autograd.grad(losses.float().sum(), outputs, allow_unused=True, retain_graph=keep)
-                     if outputs else [])
-        factors: dict[nn.Parameter, list[Factor]] = {}
-        for c in self._calls:
-            gs = [grads.pop(0) if isinstance(o, torch.Tensor) and o.requires_grad else None for o in c.outputs]
-            if all(g is None for g in gs):
-                continue
-            if c.call_rule:
-                gs = tuple(g.detach() if g is not None else None for g in gs)
-                if gs[0] is None:
-                    gs = (torch.zeros_like(c.outputs[0]),) + gs[1:]
-                produced = call_rule_for(c.module)(c.module, c.inputs, c.kwargs, gs)
-            else:
-                g = gs[0]
-                if c.activation.shape[0] != b or g.shape[0] != b:
-                    raise ValueError(
-                        f"module {c.name!r} saw a batch of {c.activation.shape[0]} but losses has {b} samples: "
-                        "the batch dimension must come first in every layer's input; a layer called without a "
-                        "batch dimension and broadcast over it (a position embedding) goes in broadcast=[...]"
-                    )
-                rule = _linear_rule if isinstance(c.module, types.SimpleNamespace) else rule_for(c.module)
-                produced = rule(c.module, c.activation.float(), g.detach().float())
-            for pname, f in produced.items():
-                if pname in c.params:
-                    if f.units != b:
-                        raise ValueError(f"module {c.name!r} saw a batch of {f.units} but losses has {b} samples")
-                    factors.setdefault(c.params[pname], []).append(f)
+            if c.activation is not None and c.activation._version != c.version:
+                raise RuntimeError(
+                    f"the input of {c.name!r} ({type(c.module).__name__}) was modified in place after its forward; "
+                    "its per-sample gradient needs that input as it was: make the later operation out of place"
+                )
+            edges += [e for e in c.edges if e is not None]
+        grads = list(torch.autograd.grad(losses.float().sum(), edges, allow_unused=True, retain_graph=keep)
+                     if edges else [])
+        grads.reverse()  # popped from the end, in call order
 
+        # Each parameter's norm is formed as soon as its last use is seen, and a materialised
+        # per-sample gradient that is kept replaces the factors (and the output gradients they hold).
+        remaining: dict[nn.Parameter, int] = {}
+        for c in self._calls:
+            for q in c.params.values():
+                remaining[q] = remaining.get(q, 0) + 1
+        norm_params = set(self._norm_params)
+        factors: dict[nn.Parameter, list[Factor]] = {}
         kept: dict[nn.Parameter, torch.Tensor] = {}
         room = self.max_kept_bytes
-        for p in self._norm_params:
-            fs = factors.get(p, [])
-            if sizes:
-                fs = [f.grouped(sizes) for f in fs]
-            if not fs:
-                continue
-            if len(fs) == 1 and not (isinstance(fs[0], OuterFactor) and not fs[0].ghost_is_cheaper()):
-                total += fs[0].sq_norms()
-                continue
-            tied = tied_sq_norms(fs)
-            if tied is not None:
-                total += tied
-                continue
-            # Materialised (cheaper than the ghost form, or a shared parameter whose uses must be summed
-            # before the norm). Per-sample gradients are kept, within the memory allowance, because the
-            # weighted update is then a cheap weighted sum of them rather than a product over positions.
-            per_unit = sum(f.per_unit() for f in fs)
-            total += sq_norms(per_unit)
-            size = per_unit.numel() * per_unit.element_size()
-            if not sizes and size <= room:
-                kept[p] = per_unit
-                room -= size
+        calls, self._calls = self._calls, []  # the graph references go with the loop
+        for c in calls:
+            gs = [grads.pop() if e is not None else None for e in c.edges]
+            produced: dict[str, Factor] = {}
+            if any(g is not None for g in gs):
+                produced = self._apply_rule(c, gs, b)
+            for pname, q in c.params.items():
+                f = produced.get(pname)
+                if f is not None:
+                    factors.setdefault(q, []).append(f)
+                remaining[q] -= 1
+                if remaining[q] == 0 and q in norm_params and q in factors:
+                    total += self._finish(q, factors, sizes, kept, room)
+                    if q in kept:
+                        room -= kept[q].numel() * kept[q].element_size()
+                        del factors[q]  # the kept per-sample gradient serves the update
+            del gs, produced
 
         self._kept = kept
         self._factors = factors
         self._losses = losses
         self._graph_kept = keep
-        self._calls = []  # the outputs (and through them the graph) are no longer needed here
         return total.detach()
+
+    def _apply_rule(self, c: _Call, gs: list, b: int) -> dict[str, Factor]:
+        if c.call_rule:
+            gs = [g.detach() if g is not None else None for g in gs]
+            if gs[0] is None:
+                shape, dtype, device = c.like[0]
+                gs[0] = torch.zeros(shape, dtype=dtype, device=device)
+            produced = call_rule_for(c.module)(c.module, c.inputs, c.kwargs, tuple(gs))
+        else:
+            g = gs[0]
+            if c.activation.shape[0] != b or g.shape[0] != b:
+                raise ValueError(
+                    f"module {c.name!r} saw a batch of {c.activation.shape[0]} but losses has {b} samples: "
+                    "the batch dimension must come first in every layer's input; a layer called without a "
+                    "batch dimension and broadcast over it (a position embedding) goes in broadcast=[...]"
+                )
+            rule = _linear_rule if isinstance(c.module, types.SimpleNamespace) else rule_for(c.module)
+            produced = rule(c.module, c.activation.float(), g.detach().float())
+        for f in produced.values():
+            if f.units != b:
+                raise ValueError(f"module {c.name!r} saw a batch of {f.units} but losses has {b} samples")
+        return produced
+
+    def _finish(self, p: nn.Parameter, factors: dict, sizes: list[int] | None, kept: dict, room: int) -> torch.Tensor:
+        """``[units]``: the squared norms of ``p``'s per-unit gradient, from all its uses' factors."""
+        fs = factors[p]
+        if sizes:
+            fs = [f.grouped(sizes) for f in fs]
+        if len(fs) == 1 and not (isinstance(fs[0], OuterFactor) and not fs[0].ghost_is_cheaper()):
+            return fs[0].sq_norms()
+        tied = tied_sq_norms(fs)
+        if tied is not None:
+            return tied
+        # Materialised (cheaper than the ghost form, or a shared parameter whose uses must be summed
+        # before the norm). Per-sample gradients are kept, within the memory allowance, because the
+        # weighted update is then a cheap weighted sum of them rather than a product over positions.
+        per_unit = sum(f.per_unit() for f in fs)
+        if not sizes and per_unit.numel() * per_unit.element_size() <= room:
+            kept[p] = per_unit
+        return sq_norms(per_unit)
 
     # -- the weighted update ----------------------------------------------------------------------
 

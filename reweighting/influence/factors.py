@@ -99,28 +99,32 @@ class OuterFactor:
         return OuterFactor(group_rows(self.x, sizes), group_rows(self.g, sizes), self.shape)
 
 
-@dataclass
 class SumFactor:
-    """``g_u = sum_t V_ut``: ``v`` is ``[U, T, P]`` and the parameter has ``P`` elements in ``shape``."""
+    """``g_u = sum_t V_ut``: built from ``v`` ``[U, T, P]`` (the parameter has ``P`` elements in ``shape``).
 
-    v: torch.Tensor
-    shape: torch.Size
+    Only the per-unit sums ``[U, P]`` are kept (formed at once), so a bias or a norm weight holds no
+    reference to its layer's output gradient.
+    """
+
+    def __init__(self, v: torch.Tensor, shape: torch.Size, *, summed: bool = False):
+        self.s = v if summed else v.sum(1)
+        self.shape = torch.Size(shape)
 
     @property
     def units(self) -> int:
-        return self.v.shape[0]
+        return self.s.shape[0]
 
     def sq_norms(self) -> torch.Tensor:
-        return sq_norms(self.v.sum(1))
+        return sq_norms(self.s)
 
     def per_unit(self) -> torch.Tensor:
-        return self.v.sum(1).reshape(self.units, *self.shape)
+        return self.s.reshape(self.units, *self.shape)
 
     def weighted(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("u,utp->p", w, self.v).reshape(self.shape)
+        return (w @ self.s).reshape(self.shape)
 
     def grouped(self, sizes: list[int]) -> SumFactor:
-        return SumFactor(group_rows(self.v, sizes), self.shape)
+        return SumFactor(torch.stack([c.sum(0) for c in self.s.split(sizes)]), self.shape, summed=True)
 
 
 @dataclass

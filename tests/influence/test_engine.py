@@ -146,7 +146,7 @@ def test_unsupported_module_raises_naming_it_or_uses_the_reference():
     assert_rel_close(got, per_sample_sq_norms(model, M.regression_loss, x, y))
 
 
-def test_batchnorm_in_training_mode_is_refused_and_inplace_outputs_are_detected():
+def test_batchnorm_in_training_mode_is_refused():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
     si = SelfInfluence(model, modules=[model[0], model[2]])
     with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d\) mixes samples"):
@@ -155,11 +155,31 @@ def test_batchnorm_in_training_mode_is_refused_and_inplace_outputs_are_detected(
     model.eval()
     with pytest.raises(ValueError, match="BatchNorm1d"):  # no rule for its parameters either
         SelfInfluence(model)
-    inplace = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 1))
-    si = SelfInfluence(inplace)
+
+
+def test_outputs_modified_in_place_are_exact_and_modified_inputs_raise():
+    # The output gradient is taken where the output entered the graph, before ReLU(inplace=True).
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    got, _, _ = engine_norms(model, M.regression_loss, x, y)
+    assert_rel_close(got, per_sample_sq_norms(model, M.regression_loss, x, y))
+
+    class ModifiesInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 1)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            out = self.b(h)
+            h.mul_(2)  # b's input, after b ran: autograd itself never reads it back in norms()
+            return out + h.sum(1, keepdim=True)
+
+    model = ModifiesInput()
+    si = SelfInfluence(model)
     with si.capture():
-        losses = inplace(torch.randn(2, 3)).sum(1)
-    with pytest.raises(RuntimeError, match="modified in place"):
+        losses = model(torch.randn(2, 3)).sum(1)
+    with pytest.raises(RuntimeError, match=r"input of 'b' \(Linear\) was modified in place"):
         si.norms(losses)
 
 
