@@ -79,6 +79,7 @@ from transformers import Trainer, TrainerCallback
 
 from .. import distributed as D
 from ..checks import check_nonnegative_weights, checks_enabled, describe_indices
+from ..lm_loss import per_token_lm_loss
 from ..packing import Documents, document_index, document_losses
 from ..reduce import restore_rng_state, score_window, sequence_loss, weighted_loss
 from ..weights import WeightStats, weight_stats
@@ -345,6 +346,13 @@ class ReweightingMixin:
         document_column: the dataset column with per-token document ids of packed rows; default
             ``"document_ids"``, used when present. A name given explicitly must be a column.
         shift_labels: whether logits at ``t`` predict ``labels[t + 1]`` (causal LMs; the default).
+        chunked_loss: compute the token losses from the final hidden states and the output
+            embedding in chunks of ``chunk_tokens`` tokens (:func:`reweighting.lm_loss.per_token_lm_loss`),
+            so the ``[B, T, V]`` logits never exist; the same losses and gradients as the plain
+            path. Needs a Hugging Face causal LM whose ``forward`` takes ``logits_to_keep`` and
+            whose logits are exactly ``get_output_embeddings()(last hidden state)`` (models that
+            scale or soft-cap their logits are refused). Not with PRESENCE.
+        chunk_tokens: tokens per chunk for ``chunked_loss`` (``None``: about ``2**25 / V``).
 
     Override :meth:`per_sample_loss` for models that are not token-level LMs.
     """
@@ -358,6 +366,8 @@ class ReweightingMixin:
         weight_column: str | None = None,
         document_column: str | None = None,
         shift_labels: bool = True,
+        chunked_loss: bool = False,
+        chunk_tokens: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -388,6 +398,10 @@ class ReweightingMixin:
         self.weight_column = weight_column or WEIGHT_COLUMN
         self.document_column = document_column or DOCUMENT_COLUMN
         self.shift_labels = shift_labels
+        self.chunked_loss = bool(chunked_loss)
+        self.chunk_tokens = chunk_tokens
+        if self.chunked_loss:
+            self._check_chunked_loss()
         columns = _dataset_columns(self.train_dataset)
         for name, value in (("weight_column", weight_column), ("document_column", document_column)):
             if value is not None and columns is not None and value not in columns:
@@ -405,6 +419,29 @@ class ReweightingMixin:
         self._stats_count = 0
         self._samples_sum: torch.Tensor | None = None
         self._last_logged_step = 0
+
+    def _check_chunked_loss(self) -> None:
+        if self.presence:
+            raise ValueError("chunked_loss=True does not go with PRESENCE: the self-influence engine needs the "
+                             "output layer's own forward")
+        if not self._default_losses():
+            raise ValueError("chunked_loss=True computes the causal LM losses itself; it cannot use an overridden "
+                             "per_sample_loss")
+        model = self.model
+        head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+        if not isinstance(head, torch.nn.Linear):
+            raise ValueError(f"chunked_loss=True needs a model whose get_output_embeddings() is an nn.Linear; "
+                             f"{type(model).__name__} gives {type(head).__name__}")
+        if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+            raise ValueError(f"chunked_loss=True needs a forward that takes logits_to_keep (to skip the logits); "
+                             f"{type(model).__name__}.forward does not")
+        config = getattr(model, "config", None)
+        scaled = {name: getattr(config, name, None) for name in
+                  ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")}
+        scaled = {k: v for k, v in scaled.items() if v is not None and v != 1}
+        if scaled:
+            raise ValueError(f"chunked_loss=True computes logits as the output embedding of the last hidden state, "
+                             f"but {type(model).__name__} transforms its logits ({scaled}): use the plain path")
 
     # ------------------------------------------------------------------ columns
     def _set_signature_columns_if_needed(self) -> None:
@@ -461,10 +498,25 @@ class ReweightingMixin:
         if "labels" not in inputs:
             raise ValueError("the batch has no 'labels': per-sample losses need them")
         labels = inputs.pop("labels")
+        if self.chunked_loss:
+            return self._chunked_losses(model, inputs, labels, documents)
         outputs = model(**inputs)
         if documents is None:
             return self.per_sample_loss(outputs, labels), outputs
         return self.per_document_loss(outputs, labels, documents), outputs
+
+    def _chunked_losses(self, model, inputs, labels, documents) -> tuple[torch.Tensor, Any]:
+        """Per-sample losses from the last hidden state and the output embedding, without the logits."""
+        nothing = torch.zeros(0, dtype=torch.long, device=labels.device)
+        outputs = model(**inputs, output_hidden_states=True, logits_to_keep=nothing)
+        hidden = outputs["hidden_states"][-1] if isinstance(outputs, dict) else outputs.hidden_states[-1]
+        head = self.model.get_output_embeddings()
+        targets = _input_aligned_targets(labels.to(hidden.device), self.shift_labels, -100)
+        token_loss = per_token_lm_loss(hidden, head.weight, targets, bias=head.bias, chunk_tokens=self.chunk_tokens)
+        carries = targets != -100
+        if documents is None:
+            return sequence_loss(token_loss, carries, empty="nan"), outputs
+        return document_losses(token_loss, carries, documents=documents, empty="nan").loss, outputs
 
     def _weights(self, losses: torch.Tensor, column: torch.Tensor | None, include: torch.Tensor | None) -> torch.Tensor:
         """Weights for ``losses`` (one micro-batch or a whole window), normalised over all ranks; records stats.
