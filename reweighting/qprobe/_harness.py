@@ -4,9 +4,10 @@ This file is not imported by the library: its text is handed to the sandbox's in
 ``python -I -S -B -c``. It must use the standard library only and run on any Python >= 3.8.
 
 It becomes two processes. ``P``, the trusted one (pid 1 of the sandbox's pid namespace), reads the
-run's specification, sets the limits, runs the problem's trusted code (prelude and tests) and
-forks ``C``. ``C`` closes every descriptor but its two pipes to ``P`` and its standard output and
-error, then runs the untrusted program. ``P`` calls the test's ``check`` with a stand-in for the
+program part of the run's specification, sets the limits and forks ``C``; only then does it read
+the problem's trusted code (prelude and tests) and run it, so that no copy of the tests is in
+``C``'s memory. ``C`` closes every descriptor but its two pipes to ``P`` and its standard output
+and error, then runs the untrusted program. ``P`` calls the test's ``check`` with a stand-in for the
 entry point that forwards each call to ``C`` and rebuilds the result from a plain-value encoding,
 so no object of the program ever exists in ``P``. Only ``P`` holds the verdict descriptor, and it
 reads the run's random token from standard input only after ``C`` exists (so no copy of it is in
@@ -176,6 +177,15 @@ def describe(exc):
 
 
 # ---------------------------------------------------------------- the program's process (untrusted)
+def read_frame(fd):
+    """One length-prefixed JSON object from the specification descriptor."""
+    head = read_exact(fd, 8)
+    body = read_exact(fd, struct.unpack(">Q", head)[0]) if head else None
+    if body is None:
+        raise ProtocolError("truncated specification")
+    return json.loads(body.decode("utf-8"))
+
+
 def close_all_but(keep):
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -375,26 +385,11 @@ def main():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     make_undumpable()
     close_all_but({0, 1, 2, verdict_fd, spec_fd})
-    chunks = []
-    while True:
-        data = os.read(spec_fd, 1 << 20)
-        if not data:
-            break
-        chunks.append(data)
-    os.close(spec_fd)
-    spec = json.loads(b"".join(chunks).decode("utf-8"))
+    # The specification comes in two frames: what the program's process needs, read before the fork,
+    # and the tests, read after it, so that no copy of them is in the program's memory.
+    spec = read_frame(spec_fd)
     set_limits(spec["limits"])
     verdict = {"status": "failed", "detail": "", "returncode": None}
-    check = None
-    namespace = {"__name__": "__tests__", "__builtins__": builtins}
-    if spec["kind"] == "tested":
-        try:
-            exec(compile(spec["prelude"], "<prelude>", "exec"), namespace)
-            exec(compile(spec["test"], "<test>", "exec"), namespace)
-            check = namespace["check"]
-        except BaseException as exc:
-            verdict["detail"] = "the tests themselves failed to load: {}: {}".format(*tuple(describe(exc)))
-            check = None
     state = {"file_limit": False}
     if spec.get("watch_paths"):
         # Started before the fork, so that a fork bomb cannot use up RLIMIT_NPROC first.
@@ -404,11 +399,24 @@ def main():
     pid = os.fork()
     if pid == 0:
         os.close(verdict_fd)
+        os.close(spec_fd)
         os.close(req_w)
         os.close(res_r)
         child(spec, req_r, res_w)
     os.close(req_r)
     os.close(res_w)
+    check = None
+    namespace = {"__name__": "__tests__", "__builtins__": builtins}
+    if spec["kind"] == "tested":
+        trusted = read_frame(spec_fd)
+        try:
+            exec(compile(trusted["prelude"], "<prelude>", "exec"), namespace)
+            exec(compile(trusted["test"], "<test>", "exec"), namespace)
+            check = namespace["check"]
+        except BaseException as exc:
+            verdict["detail"] = "the tests themselves failed to load: {}: {}".format(*describe(exc))
+            check = None
+    os.close(spec_fd)
     token = read_exact(0, TOKEN_BYTES)
     os.close(0)
     try:
@@ -424,8 +432,8 @@ def main():
         elif first != ["ready"]:
             raise ProtocolError("unexpected message")
         elif check is not None:
-            remote = Remote(spec["entry_point"], link)
-            namespace[spec["entry_point"]] = remote
+            remote = Remote(trusted["entry_point"], link)
+            namespace[trusted["entry_point"]] = remote
             check(remote)
             verdict["status"] = "passed"
     except ProgramError as exc:

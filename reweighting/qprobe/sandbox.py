@@ -43,9 +43,10 @@ The verdict
 A structured :class:`TestedProgram` (what :func:`humaneval_program` returns) runs as two
 processes inside the sandbox (``_harness.py``). ``P``, the trusted harness, is pid 1 of the pid
 namespace, so signals from the program are ignored, and is not dumpable, so the program cannot
-ptrace it or open its ``/proc`` files. ``P`` runs the problem's own code (the prompt, then the
-tests) and forks ``C``, which closes every descriptor but two pipes to ``P`` (and its output) and
-runs the program. ``P`` then calls ``check`` with a stand-in for the entry point: each call's
+ptrace it or open its ``/proc`` files. ``P`` forks ``C``, which closes every descriptor but two
+pipes to ``P`` (and its output) and runs the program; only after the fork does ``P`` read the
+problem's own code (the prompt, then the tests) and run it, so the tests are nowhere in ``C``'s
+memory. ``P`` then calls ``check`` with a stand-in for the entry point: each call's
 arguments go to ``C`` and the result comes back as plain data (exact ``None``, ``bool``, ``int``,
 ``float``, ``complex``, ``str``, ``bytes``, ``list``, ``tuple``, ``set``, ``frozenset``,
 ``dict``; anything else is a failure), rebuilt by ``P``. So an object with a forged ``__eq__``
@@ -87,6 +88,7 @@ import selectors
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -295,17 +297,28 @@ def isolation_available() -> tuple[bool, str]:
 
 
 # ---------------------------------------------------------------------------------------- one run
-def _spec(program: str | TestedProgram, limits: SandboxLimits, isolation: str) -> dict:
+def _spec(program: str | TestedProgram, limits: SandboxLimits, isolation: str) -> tuple[dict, dict | None]:
+    """What the program's process needs, and the tests (``None`` for a plain source): the harness
+    reads the second only after the fork, so the program cannot find the tests in its memory."""
     limit_values = {k: int(v) for k, v in asdict(limits).items() if k != "wall_seconds"}
-    watch = [_WORKDIR, "/tmp"] if isolation == "bwrap" else None
+    public = {"watch_paths": [_WORKDIR, "/tmp"] if isolation == "bwrap" else None, "limits": limit_values}
     if isinstance(program, TestedProgram):
-        return {"kind": "tested", "watch_paths": watch, "source": program.source, "prelude": program.prelude,
-                "test": program.test, "entry_point": program.entry_point, "run_name": "__candidate__",
-                "limits": limit_values}
+        public.update(kind="tested", source=program.source, run_name="__candidate__")
+        return public, {"prelude": program.prelude, "test": program.test, "entry_point": program.entry_point}
     if isinstance(program, str):
-        return {"kind": "script", "watch_paths": watch, "source": program, "run_name": "__main__",
-                "limits": limit_values}
+        public.update(kind="script", source=program, run_name="__main__")
+        return public, None
     raise TypeError(f"program must be a TestedProgram or a str of Python source, got {type(program).__name__}")
+
+
+def _frames(*objects: dict | None) -> bytes:
+    """Length-prefixed JSON frames (``None`` is left out)."""
+    out = b""
+    for obj in objects:
+        if obj is not None:
+            data = json.dumps(obj).encode("utf-8")
+            out += struct.pack(">Q", len(data)) + data
+    return out
 
 
 def _user_process_count() -> int:
@@ -369,7 +382,7 @@ def run_program(program: str | TestedProgram, limits: SandboxLimits | None = Non
         raise TypeError(f"limits must be a SandboxLimits, got {type(limits).__name__}")
     if isolation not in ISOLATIONS:
         raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
-    spec = _spec(program, limits, isolation)
+    spec, tests = _spec(program, limits, isolation)
     if isolation == "bwrap":
         ok, reason = isolation_available()
         if not ok:
@@ -387,7 +400,7 @@ def run_program(program: str | TestedProgram, limits: SandboxLimits | None = Non
     spec_fd = os.memfd_create("reweighting-sandbox-spec")
     verdict_r, verdict_w = os.pipe()
     try:
-        data = json.dumps(spec).encode("utf-8")
+        data = _frames(spec, tests)
         while data:
             data = data[os.write(spec_fd, data):]
         os.lseek(spec_fd, 0, os.SEEK_SET)

@@ -131,6 +131,16 @@ def _hostile_programs(env: dict) -> dict[str, tuple[str, str]]:
             "        try:\n            o.__code__ = (lambda *a, **k: None).__code__\n        except Exception:\n"
             "            pass\n",
             "patching the program's own copy of the harness cannot change the harness process"),
+        # The needle is split in two so that the program's own source does not contain it.
+        "read the tests from its own memory": (
+            "    return a + b if SEEN else a - b\n"
+            "import gc, sys\nSEEN = False\nf = sys._getframe()\n"
+            "spaces = [o for o in gc.get_objects() if isinstance(o, dict)]\n"
+            "while f is not None:\n    spaces += [f.f_locals, f.f_globals]\n    f = f.f_back\n"
+            "for space in spaces:\n    for v in list(space.values()):\n"
+            "        if isinstance(v, str) and ('candidate(2, 3) ' + '== 5') in v or callable(v) and "
+            "getattr(v, '__name__', '') == 'check':\n            SEEN = True\n",
+            "the tests are loaded by the harness only after the fork: scores 1 only if it finds them"),
         "AlwaysEqual result": (
             "    class AlwaysEqual:\n        def __eq__(self, other):\n            return True\n"
             "        __hash__ = object.__hash__\n    return AlwaysEqual()\n",
