@@ -153,10 +153,12 @@ def baseline_health(warmup_accuracy: dict[str, list[float]], bar: float = HEALTH
     return check_baseline("warm-up model's clean test accuracy (lowest noise-setting mean)", worst, bar)
 
 
-def run_setting(noise: str, seed: int, config: dict[str, Any], use_cleanlab: bool | None = None) -> dict[str, Any]:
+def run_setting(noise: str, seed: int, config: dict[str, Any], use_cleanlab: bool | None = None,
+                ctx: StudyContext | None = None) -> dict[str, Any]:
     """One noise setting and seed: every method's final clean test accuracy and the T estimates' errors.
 
-    ``use_cleanlab`` None: the cleanlab rows run when cleanlab is installed.
+    ``use_cleanlab`` None: the cleanlab rows run when cleanlab is installed. With ``ctx``, a progress
+    bar over the methods (each is seconds to a minute on a shared CPU).
     """
     from reweighting.noisy_labels import estimate_transition, predict_probs, train_epochs, transition_error
     from reweighting.noisy_labels.cleanlab_estimate import cleanlab_available, cleanlab_transition
@@ -187,7 +189,8 @@ def run_setting(noise: str, seed: int, config: dict[str, Any], use_cleanlab: boo
     runs += [(f"{name} (true T)", loss, true_T) for name, loss in LOSS_OF.items()]
     if use_cleanlab:
         runs.append(("RENT (cleanlab T)", "rent", estimates["cleanlab"]))
-    for name, loss, T in runs:
+    steps = ctx.progress(runs, desc=f"{noise}, seed {seed}: methods") if ctx is not None else runs
+    for name, loss, T in steps:
         model.load_state_dict(start_model)
         optimizer.load_state_dict(start_optimizer)
         loader.generator.manual_seed(seed)
@@ -269,7 +272,7 @@ def run(ctx: StudyContext, config: dict[str, Any] | None = None, use_cleanlab: b
     warmup: dict[str, list[float]] = {noise: [] for noise in noises}
     jobs = [(noise, seed) for noise in noises for seed in ctx.seeds]
     for noise, seed in ctx.progress(jobs, desc="noisy-labels (setting x seed)"):
-        result = run_setting(noise, seed, config, use_cleanlab)
+        result = run_setting(noise, seed, config, use_cleanlab, ctx)
         for name, value in result["accuracy"].items():
             methods.setdefault(f"{noise} / {name}", []).append(value)
         for name, value in result["T_error"].items():
