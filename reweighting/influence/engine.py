@@ -43,6 +43,7 @@ so that DDP does not expect a backward of its own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -116,6 +117,44 @@ class _Call:
     inputs: tuple = ()  # every argument, detached (call rules)
     kwargs: dict = field(default_factory=dict)
     call_rule: bool = False
+    hook: object = None  # the handle of the gradient hook on the output
+    direct: bool = False  # its output gradient is returned by the backward, not consumed by the hook
+    consumed: bool = False
+
+
+@dataclass
+class _Pass:
+    """The state of one :meth:`SelfInfluence.norms` call while output gradients arrive."""
+
+    b: int
+    sizes: list[int] | None
+    total: torch.Tensor
+    room: int
+    norm_params: set
+    remaining: dict = field(default_factory=dict)  # parameter -> uses whose gradient has not arrived
+    factors: dict = field(default_factory=dict)
+    kept: dict = field(default_factory=dict)
+
+
+def _tracked_below(tracked: set, root) -> dict:
+    """For every node reachable from ``root``: whether a node of ``tracked`` lies strictly below it."""
+    below: dict = {}
+    if root is None:
+        return below
+    stack = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            below[node] = any(child in tracked or below.get(child, False)
+                              for child, _ in node.next_functions if child is not None)
+            continue
+        if node in below:
+            continue
+        below[node] = False  # visiting (a DAG: no cycles)
+        stack.append((node, True))
+        stack += [(child, False) for child, _ in node.next_functions
+                  if child is not None and child not in below and not hasattr(child, "variable")]
+    return below
 
 
 def _detach_all(args: tuple) -> tuple:
@@ -265,6 +304,7 @@ class SelfInfluence:
         self._losses: torch.Tensor | None = None
         self._graph_kept = False
         self._batch_size: int | None = None
+        self._state: _Pass | None = None
 
     @staticmethod
     def _resolve(model: nn.Module, modules, names: dict[nn.Module, str], allow_empty: bool = False) -> list[nn.Module]:
@@ -386,9 +426,9 @@ class SelfInfluence:
                 activation = activation.unsqueeze(0).expand(b, *activation.shape)
         elif self._batch_size is None:
             self._batch_size = activation.shape[0]
-        self._calls.append(_Call(self._names[module], module, params, *_edges([output]),
-                                 stops=_stops(args) | _stops(kwargs.values()), activation=activation,
-                                 version=raw._version))
+        self._record(_Call(self._names[module], module, params, *_edges([output]),
+                           stops=_stops(args) | _stops(kwargs.values()), activation=activation, version=raw._version),
+                     output)
         return output if module in self._broadcast else None
 
     def _functional_linear(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
@@ -408,8 +448,12 @@ class SelfInfluence:
                                       in_features=weight.shape[1], out_features=weight.shape[0])
         if self._batch_size is None:
             self._batch_size = x.shape[0]
-        self._calls.append(_Call(f"F.linear(..., {self._name_of(p)})", owner, params, *_edges([out]),
-                                 stops=_stops([x]), activation=x.detach(), version=x._version))
+        self._record(_Call(f"F.linear(..., {self._name_of(p)})", owner, params, *_edges([out]),
+                           stops=_stops([x]), activation=x.detach(), version=x._version), out)
+
+    def _record(self, call: _Call, output: torch.Tensor) -> None:
+        call.hook = output.register_hook(functools.partial(self._arrived, call))
+        self._calls.append(call)
 
     def clear(self) -> None:
         """Drop the stored activations, output gradients and graph references."""
@@ -509,45 +553,45 @@ class SelfInfluence:
                     g = torch.stack([c.sum(0) for c in g.split(sizes)])
                 total += sq_norms(g)
 
-        edges = []
         for c in self._calls:
             if c.activation is not None and c.activation._version != c.version:
                 raise RuntimeError(
                     f"the input of {c.name!r} ({type(c.module).__name__}) was modified in place after its forward; "
                     "its per-sample gradient needs that input as it was: make the later operation out of place"
                 )
-            edges += [e for e in c.edges if e is not None]
-        grads = list(torch.autograd.grad(losses.float().sum(), edges, allow_unused=True, retain_graph=keep)
-                     if edges else [])
-        grads.reverse()  # popped from the end, in call order
-
-        # Each parameter's norm is formed as soon as its last use is seen, and a materialised
-        # per-sample gradient that is kept replaces the factors (and the output gradients they hold).
-        remaining: dict[nn.Parameter, int] = {}
-        for c in self._calls:
-            for q in c.params.values():
-                remaining[q] = remaining.get(q, 0) + 1
-        norm_params = set(self._norm_params)
-        factors: dict[nn.Parameter, list[Factor]] = {}
-        kept: dict[nn.Parameter, torch.Tensor] = {}
-        room = self.max_kept_bytes
-        calls, self._calls = self._calls, []  # the graph references go with the loop
+        calls, self._calls = self._calls, []
+        state = _Pass(b=b, sizes=sizes, total=total, room=self.max_kept_bytes, norm_params=set(self._norm_params))
         for c in calls:
-            gs = [grads.pop() if e is not None else None for e in c.edges]
-            produced: dict[str, Factor] = {}
-            if any(g is not None for g in gs):
-                produced = self._apply_rule(c, gs, b)
-            for pname, q in c.params.items():
-                f = produced.get(pname)
-                if f is not None:
-                    factors.setdefault(q, []).append(f)
-                remaining[q] -= 1
-                if remaining[q] == 0 and q in norm_params and q in factors:
-                    total += self._finish(q, factors, sizes, kept, room)
-                    if q in kept:
-                        room -= kept[q].numel() * kept[q].element_size()
-                        del factors[q]  # the kept per-sample gradient serves the update
-            del gs, produced
+            for q in c.params.values():
+                state.remaining[q] = state.remaining.get(q, 0) + 1
+        # A layer's output gradient is turned into its factors (and, once a parameter's last use is in,
+        # its norm) by a hook as soon as autograd computes it, and then freed: the backward is asked
+        # only for the gradients of layers below which no other tracked layer lies (the others are on
+        # its way, so their hooks fire) and of call-rule layers (several outputs, formed afterwards).
+        below = _tracked_below({e.node for c in calls if not c.call_rule for e in c.edges if e is not None},
+                               losses.grad_fn)
+        inputs, direct = [], []
+        for c in calls:
+            if c.call_rule or (c.edges[0] is not None and not below.get(c.edges[0].node, False)):
+                c.direct = True  # its gradient is returned by the backward rather than seen by its hook
+                direct.append(c)
+                inputs += [e for e in c.edges if e is not None]
+        self._state = state
+        try:
+            grads = list(torch.autograd.grad(losses.float().sum(), inputs, allow_unused=True, retain_graph=keep)
+                         if inputs else [])
+        finally:
+            self._state = None
+            for c in calls:
+                if c.hook is not None:
+                    c.hook.remove()
+        grads.reverse()
+        for c in direct:
+            self._consume(state, c, [grads.pop() if e is not None else None for e in c.edges])
+        for c in calls:
+            if not c.consumed:  # no gradient reached it
+                self._consume(state, c, [None] * len(c.edges))
+        kept, factors, total = state.kept, state.factors, state.total
 
         self._kept = kept
         self._factors = factors
@@ -577,6 +621,34 @@ class SelfInfluence:
                 raise ValueError(f"module {c.name!r} saw a batch of {f.units} but losses has {b} samples")
         return produced
 
+    def _arrived(self, c: _Call, grad: torch.Tensor) -> None:
+        """Gradient hook on a captured output: form its factors now (during the norms backward only)."""
+        state = self._state
+        if state is not None and not c.direct and not c.consumed:
+            self._consume(state, c, [grad])
+
+    def _consume(self, state: _Pass, c: _Call, gs: list) -> None:
+        c.consumed = True
+        produced: dict[str, Factor] = {}
+        if any(g is not None for g in gs):
+            produced = self._apply_rule(c, gs, state.b)
+        c.activation, c.inputs = None, ()  # the factors hold what the update needs; the rest may go
+        for pname, q in c.params.items():
+            f = produced.get(pname)
+            if f is not None:
+                state.factors.setdefault(q, []).append(f)
+            state.remaining[q] -= 1
+            if state.remaining[q] == 0:
+                self._finish_param(state, q)
+
+    def _finish_param(self, state: _Pass, q: nn.Parameter) -> None:
+        if q not in state.norm_params or q not in state.factors:
+            return
+        state.total += self._finish(q, state.factors, state.sizes, state.kept, state.room)
+        if q in state.kept:
+            state.room -= state.kept[q].numel() * state.kept[q].element_size()
+            del state.factors[q]  # the kept per-sample gradient serves the update
+
     def _finish(self, p: nn.Parameter, factors: dict, sizes: list[int] | None, kept: dict, room: int) -> torch.Tensor:
         """``[units]``: the squared norms of ``p``'s per-unit gradient, from all its uses' factors."""
         fs = factors[p]
@@ -590,7 +662,9 @@ class SelfInfluence:
         # Materialised (cheaper than the ghost form, or a shared parameter whose uses must be summed
         # before the norm). Per-sample gradients are kept, within the memory allowance, because the
         # weighted update is then a cheap weighted sum of them rather than a product over positions.
-        per_unit = sum(f.per_unit() for f in fs)
+        per_unit = fs[0].per_unit()
+        for f in fs[1:]:
+            per_unit = per_unit + f.per_unit()
         if not sizes and per_unit.numel() * per_unit.element_size() <= room:
             kept[p] = per_unit
         return sq_norms(per_unit)
