@@ -322,24 +322,51 @@ def make_undumpable():
         raise OSError("the harness is still dumpable")
 
 
-def watch_files(limit, paths, state):
-    """Kill every other process of the sandbox once more than ``limit`` inodes (files, directories,
-    links) exist on the sandbox's tmpfs ``paths``: their size is capped by the mount, their number is
-    not. Polls every 10 ms, so the program may overshoot by what it creates in that time."""
+def watch(limits, paths, state):
+    """Every 10 ms, end every other process of the sandbox (``kill(-1)`` from pid 1) once
+
+    - more than ``max_files`` inodes (files, directories, links) exist on the tmpfs ``paths``: their
+      size is capped by the mount, their number is not;
+    - the resident memory of all the sandbox's processes together passes ``memory_bytes``: the
+      address-space limit is per process, so without this a fork bomb of big processes could use
+      ``max_processes`` times as much. Pages shared after a fork count once per process.
+
+    Only inside a pid namespace, where ``/proc`` lists the sandbox's processes alone. The program
+    may overshoot by what it makes in 10 ms."""
     import threading
     import time
 
+    max_files, max_memory = int(limits["max_files"]), int(limits["memory_bytes"])
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def used_inodes():
+        used = 0
+        for path in paths:
+            try:
+                info = os.statvfs(path)
+                used += info.f_files - info.f_ffree
+            except OSError:
+                pass
+        return used
+
+    def resident_bytes():
+        total = 0
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open("/proc/" + name + "/statm", "rb") as f:
+                        total += int(f.read().split()[1]) * page
+                except (OSError, ValueError, IndexError):
+                    pass
+        return total
+
     def run():
         while True:
-            used = 0
-            for path in paths:
-                try:
-                    info = os.statvfs(path)
-                    used += info.f_files - info.f_ffree
-                except OSError:
-                    pass
-            if used > limit:
-                state["file_limit"] = True
+            if used_inodes() > max_files:
+                state["limit"] = ("file_limit", f"more than {max_files} files or directories")
+            elif resident_bytes() > max_memory:
+                state["limit"] = ("memory_limit", f"the sandbox's processes used more than {max_memory} bytes")
+            if state["limit"]:
                 try:
                     os.kill(-1, signal.SIGKILL)  # from pid 1: every process of the namespace but this one
                 except OSError:
@@ -390,10 +417,10 @@ def main():
     spec = read_frame(spec_fd)
     set_limits(spec["limits"])
     verdict = {"status": "failed", "detail": "", "returncode": None}
-    state = {"file_limit": False}
+    state = {"limit": None}
     if spec.get("watch_paths"):
         # Started before the fork, so that a fork bomb cannot use up RLIMIT_NPROC first.
-        watch_files(int(spec["limits"]["max_files"]), spec["watch_paths"], state)
+        watch(spec["limits"], spec["watch_paths"], state)
     req_r, req_w = os.pipe()
     res_r, res_w = os.pipe()
     pid = os.fork()
@@ -444,8 +471,8 @@ def main():
         verdict["detail"] = "{}: {}".format(*tuple(describe(exc)))
     if verdict["returncode"] is None:
         verdict["returncode"] = status_of(pid)
-    if state["file_limit"]:
-        verdict["status"], verdict["detail"] = "file_limit", "too many files or directories"
+    if state["limit"]:
+        verdict["status"], verdict["detail"] = state["limit"]
     try:
         os.kill(pid, signal.SIGKILL)
     except OSError:

@@ -35,8 +35,9 @@ Limits set before any program code runs, which the program cannot raise: CPU sec
 (``RLIMIT_CPU``), address space per process (``RLIMIT_AS``), processes (``RLIMIT_NPROC``), size of
 one file (``RLIMIT_FSIZE``), open files, no core dumps; bytes written in all (two tmpfs of
 ``max_disk_bytes``); files, directories and links on them (``max_files``: the harness polls the
-two file systems' inode counts every 10 ms and ends the run beyond it); standard output and error
-(read through pipes and capped at ``max_output_bytes`` each: more ends the run); the wall clock.
+two file systems' inode counts every 10 ms and ends the run beyond it); the resident memory of all
+the sandbox's processes together (``memory_bytes`` again, polled the same way); standard output and
+error (read through pipes and capped at ``max_output_bytes`` each: more ends the run); the wall clock.
 
 The verdict
 -----------
@@ -65,11 +66,14 @@ Limits of this design, honestly
 -------------------------------
 - It relies on the Linux kernel and bubblewrap: a kernel bug reachable from an unprivileged user
   namespace is an escape. No seccomp filter narrows the system calls.
-- Memory is bounded per process (``RLIMIT_AS``) times the process limit, plus the two tmpfs; there is
-  no cgroup, so a run may use up to ``max_processes * memory_bytes`` of memory. The file count is
-  polled, so a program overshoots ``max_files`` by what it creates in 10 ms (a few thousand), and
-  hard links (names without new inodes) are not counted: their kernel memory is bounded only by
-  the CPU and wall-clock limits, and freed with the sandbox.
+- There is no cgroup. Memory is bounded per process by ``RLIMIT_AS`` (a hard fence) and for the
+  whole sandbox by polling: every 10 ms the harness sums the resident memory of the sandbox's
+  processes (shared pages once per process) and ends the run beyond ``memory_bytes``, so a fast
+  allocator can overshoot that sum briefly; the hard bound stays ``max_processes * memory_bytes``
+  plus the two tmpfs. The file count is polled the same way, so a program overshoots ``max_files``
+  by what it creates in 10 ms (a few thousand), and hard links (names without new inodes) are not
+  counted: their kernel memory is bounded only by the CPU and wall-clock limits, and freed with the
+  sandbox.
 - CPU is limited per process, not per sandbox: ``max_processes`` busy processes use that many times
   ``cpu_seconds`` within ``wall_seconds``.
 - The program sees the read-only ``/usr`` (world-readable system files) and can read what it is
@@ -178,7 +182,8 @@ class ExecutionResult:
     status that counts as a pass), ``"completed"`` (a plain source ran to its end without raising; the
     program's own claim, forgeable), ``"failed"`` (a test failed, the program raised or ended early, or
     the sandbox ended without a verdict; ``detail`` says which), ``"timeout"`` (wall clock),
-    ``"cpu_limit"``, ``"output_limit"`` or ``"file_limit"`` (``max_files``). ``returncode`` is the
+    ``"cpu_limit"``, ``"output_limit"``, ``"file_limit"`` (``max_files``) or ``"memory_limit"`` (the
+    sandbox's processes together passed ``memory_bytes``). ``returncode`` is the
     program process's exit code (minus the signal number) when known. ``stdout`` and ``stderr`` hold at
     most ``max_output_bytes`` each."""
 
@@ -444,7 +449,7 @@ def run_program(program: str | TestedProgram, limits: SandboxLimits | None = Non
     return ExecutionResult(verdict["status"], returncode, stdout, stderr, seconds, verdict["detail"])
 
 
-_STATUSES = ("passed", "completed", "failed", "cpu_limit", "file_limit")
+_STATUSES = ("passed", "completed", "failed", "cpu_limit", "file_limit", "memory_limit")
 
 
 def _parse_verdict(raw: bytes, token: bytes) -> dict | None:

@@ -263,6 +263,11 @@ def _hostile_programs(env: dict) -> dict[str, tuple[str, str]]:
             "RLIMIT_NPROC in its own user namespace, then the wall clock"),
         "memory bomb": (WRONG + "x = []\nwhile True:\n    x.append(bytearray(50 * 2**20))\n",
                         "RLIMIT_AS: MemoryError before the tests"),
+        "memory spread over many processes": (
+            RIGHT + "import os, time\nr, w = os.pipe()\nfor _ in range(4):\n    if os.fork() == 0:\n"
+            "        hog = bytearray(100 * 2**20)\n        os.write(w, b'x')\n        time.sleep(60)\n"
+            "for _ in range(4):\n    os.read(r, 1)\n",  # 400 MB in all, 100 MB each
+            "the sandbox's processes together pass memory_bytes: a correct answer that scores 1 only if not stopped"),
         "output bomb": (WRONG + "while True:\n    print('x' * 10000)\n", "output beyond max_output_bytes ends the run"),
         "disk bomb: one big file": (
             WRONG + "import os\nfor path in ('big', '/tmp/big', '/dev/shm/big', '/big'):\n    try:\n"
@@ -353,6 +358,7 @@ def test_limits_name_how_runs_ended(hostile_run):
     assert results["infinite loop in the function"].status in ("cpu_limit", "timeout")
     assert results["sleep forever"].status == "timeout"
     assert results["disk bomb: many small files"].status == "file_limit"
+    assert results["memory spread over many processes"].status == "memory_limit"
     assert results["output bomb"].status == "output_limit"
     assert len(results["output bomb"].stdout) <= TIGHT.max_output_bytes
     assert "MemoryError" in results["memory bomb"].detail
