@@ -407,6 +407,9 @@ def ended_status(pid):
 
 def main():
     verdict_fd, spec_fd = int(sys.argv[1]), int(sys.argv[2])
+    # Imports after the fork (those of the tests) must come from the read-only installation only, never
+    # from the working directory or /tmp, where the program can write (``-I`` already leaves them out).
+    sys.path[:] = [p for p in sys.path if os.path.isabs(p) and not p.startswith(("/sandbox", "/tmp"))]
     # As pid 1 of its namespace, a signal with the default action is ignored when it comes from
     # inside: the program's process cannot interrupt or kill this one.
     signal.signal(signal.SIGINT, signal.SIG_DFL)

