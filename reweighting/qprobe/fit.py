@@ -94,6 +94,158 @@ def _check_group_signal(objective: str, groups: torch.Tensor, rewards: torch.Ten
                              "within every group of the given groups the rewards are all equal")
 
 
+def _batches(x, r, group_ids, objective, batch_size, group_size, generator):
+    """A function that draws one epoch's order and yields its batches ``(x_b, r_b, valid)``.
+
+    Each batch's rows are gathered into one reused buffer (about 2 MB at the paper's sizes, so it
+    stays in cache for the step's forward and backward reads): one pass over the data per epoch.
+    For the group objectives a batch is ``batch_size // group_size`` chunks (rows of
+    :func:`chunk_groups`), ``valid`` masking the padding.
+    """
+    n, dim = x.shape
+    device = x.device
+    chunks_per_batch = max(1, batch_size // group_size)
+    per_batch = chunks_per_batch * group_size if group_ids is not None else batch_size
+    buffer = torch.empty((per_batch if group_ids is not None else min(batch_size, n), dim), device=device)
+
+    def epoch():
+        if group_ids is not None:
+            table = chunk_groups(group_ids, group_size, generator).to(device)
+            order = table.clamp(min=0).reshape(-1)
+            valids = (table >= 0).split(chunks_per_batch)
+        else:
+            order = torch.randperm(n, generator=generator).to(device)
+            valids = itertools.repeat(None)
+        shuffled_r = r[order]
+        for idx, rb, valid in zip(order.split(per_batch), shuffled_r.split(per_batch), valids):
+            xb = buffer[: idx.shape[0]]
+            torch.index_select(x, 0, idx, out=xb)
+            yield xb, rb, valid
+
+    return epoch
+
+
+def _run_autograd(probe, batches, bar, objective, *, lr, weight_decay, temperature, progress):
+    """The general loop: the objective's loss through autograd, ``torch.optim.AdamW``."""
+    head = probe.net  # x is standardised already, so the probe's own (identity) standardisation is skipped
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in bar:
+        total, steps = 0.0, 0
+        for xb, rb, valid in batches():
+            if valid is not None:
+                q = head(xb).reshape(valid.shape)
+                rb = rb.reshape(valid.shape)
+                if objective == "pg":
+                    loss = pg_loss(q, rb, valid, temperature=temperature)
+                else:
+                    win, lose = _preference_pairs(rb, valid)
+                    if win.numel() == 0:
+                        continue
+                    flat = q.reshape(-1)
+                    loss = preference_loss(flat[win], flat[lose])
+            else:
+                q = head(xb).squeeze(-1)
+                loss = mse_loss(q, rb) if objective == "mse" else bce_loss(q, rb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if progress:
+                total += float(loss)
+            steps += 1
+        if progress:
+            bar.set_postfix(loss=total / max(1, steps))
+
+
+@torch.no_grad()
+def _run_linear(probe, batches, bar, objective, *, lr, weight_decay, temperature, progress):
+    """The linear probe ``q = x . w + b`` with each objective's gradient in closed form:
+
+    - ``L_Q``: ``dL/dq_i = 2 (q_i - r_i) / B``;  ``L_CE``: ``(sigmoid(q_i) - r_i) / B``;
+    - ``L_PG`` (rows ``g`` of ``C`` chunks, softmax ``p`` over the real samples at temperature ``T``,
+      ``a = r`` masked): ``dL/dq_gi = -p_gi (a_gi - sum_j p_gj a_gj) / (C T)``;
+    - ``L_QP`` over ``P`` pairs with margin ``d = q_w - q_l``: ``dL/dd = -sigmoid(-d) / P``, added to
+      ``q_w`` and subtracted from ``q_l``;
+
+    then ``dL/dw = x^T dL/dq`` and ``dL/db = sum dL/dq`` (exactly 0 for the group objectives, which
+    only compare samples of one prompt), and AdamW's update (decoupled weight decay,
+    bias-corrected moments, ``torch.optim.AdamW``'s defaults and order of operations) on ``[w, b]``
+    as one flat vector.
+    """
+    linear = probe.net[0]
+    dim = linear.in_features
+    theta = torch.cat([linear.weight.detach().reshape(-1), linear.bias.detach().reshape(-1)]).float()
+    w, b = theta[:dim], theta[dim:]
+    grad = torch.zeros_like(theta)
+    grad_w, grad_b = grad[:dim], grad[dim:]
+    exp_avg, exp_avg_sq = torch.zeros_like(theta), torch.zeros_like(theta)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    decay = 1 - lr * weight_decay
+    step = 0
+    for _ in bar:
+        total, steps = 0.0, 0
+        for xb, rb, valid in batches():
+            q = torch.addmv(b, xb, w)
+            g = _loss_grad(objective, q, rb, valid, temperature)
+            if g is None:  # a preference batch without a pair of different rewards
+                continue
+            torch.mv(xb.T, g, out=grad_w)
+            if valid is None:
+                torch.sum(g, dim=0, keepdim=True, out=grad_b)
+            # else: each group's softmax ignores a common shift, so dL/db is exactly 0 (autograd
+            # returns rounding noise there, which AdamW's normalisation turns into a random walk of b).
+            step += 1
+            # torch.optim.AdamW (single-tensor path), written out.
+            if decay != 1.0:
+                theta.mul_(decay)
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            bias_correction1 = 1 - beta1 ** step
+            bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            theta.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+            if progress:
+                total += _linear_loss(objective, q, rb, valid, temperature)
+            steps += 1
+        if progress:
+            bar.set_postfix(loss=total / max(1, steps))
+    linear.weight.copy_(w.view_as(linear.weight))
+    linear.bias.copy_(b)
+
+
+def _loss_grad(objective: str, q: torch.Tensor, rb: torch.Tensor, valid: torch.Tensor | None,
+               temperature: float) -> torch.Tensor | None:
+    """``dL/dq`` of the objective on one batch in closed form (see :func:`_run_linear`); ``q`` and
+    ``rb`` are flat ``[B]``, ``valid`` the ``[C, group_size]`` chunk mask of the group objectives.
+    ``None`` for a preference batch with no pair."""
+    if objective == "mse":
+        return (q - rb).mul_(2.0 / q.shape[0])
+    if objective == "bce":
+        return torch.sigmoid(q).sub_(rb).div_(q.shape[0])
+    if objective == "pg":
+        logits = torch.where(valid, q.view(valid.shape) / temperature, -math.inf)
+        p = torch.softmax(logits, dim=1)
+        a = torch.where(valid, rb.view(valid.shape), 0.0)
+        expected = (p * a).sum(dim=1, keepdim=True)
+        return (a - expected).mul_(p).mul_(-1.0 / (valid.shape[0] * temperature)).view(-1)
+    win, lose = _preference_pairs(rb.view(valid.shape), valid)
+    if win.numel() == 0:
+        return None
+    dg = torch.sigmoid(q[lose] - q[win]).div_(-win.numel())
+    return torch.zeros_like(q).index_add_(0, win, dg).index_add_(0, lose, dg.neg())
+
+
+def _linear_loss(objective, q, rb, valid, temperature) -> float:
+    """The objective's value on a batch (for the progress bar only)."""
+    if objective == "mse":
+        return float(mse_loss(q, rb))
+    if objective == "bce":
+        return float(bce_loss(q, rb))
+    if objective == "pg":
+        return float(pg_loss(q.view(valid.shape), rb.view(valid.shape), valid, temperature=temperature))
+    win, lose = _preference_pairs(rb.view(valid.shape), valid)
+    return float(preference_loss(q[win], q[lose]))
+
+
 def fit_probe(
     features: torch.Tensor,
     rewards: torch.Tensor,
@@ -111,6 +263,7 @@ def fit_probe(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    engine: str = "auto",
 ) -> QProbe:
     """Train a :class:`QProbe` on ``features [N, D]`` and ``rewards [N]``.
 
@@ -122,6 +275,11 @@ def fit_probe(
     features (an affine change of variables that the probe stores, so the model class is the same;
     it makes one learning rate suit embeddings of any scale). The run is deterministic for a seed.
     Returns the probe in eval mode on ``device``.
+
+    ``engine="auto"`` trains the linear probe with its gradient in closed form and AdamW's update
+    written out (the same arithmetic as ``torch.optim.AdamW``, without autograd's per-step
+    overhead); MLP probes, and any probe with ``engine="autograd"``, go through autograd and
+    ``torch.optim.AdamW``. Both give the same probe up to float rounding (a test checks it).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -144,9 +302,6 @@ def fit_probe(
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     check_temperature(temperature, "temperature")
     check_finite(rewards.float(), "rewards")
-    bad_rows = ~torch.isfinite(features).all(dim=1)
-    if bool(bad_rows.any()):
-        raise ValueError(f"features has NaN or infinite values at sample indices {describe_indices(bad_rows)}")
     if objective == "bce":
         outside = (rewards < 0) | (rewards > 1)
         if bool(outside.any()):
@@ -165,63 +320,40 @@ def fit_probe(
     probe = QProbe(dim, hidden)
     x = features.detach().to(device=device, dtype=torch.float32)
     r = rewards.detach().to(device=device, dtype=torch.float32)
+    # A NaN or infinity anywhere makes its column's mean non-finite: one cheap pass decides, and the
+    # row-by-row check (which names the samples) runs only then.
+    mean = x.mean(dim=0)
+    if not bool(torch.isfinite(mean).all()):
+        bad_rows = ~torch.isfinite(x).all(dim=1)
+        if bool(bad_rows.any()):
+            raise ValueError(f"features has NaN or infinite values at sample indices {describe_indices(bad_rows)}")
     if standardize:
-        # Standardise once here instead of in every step; the probe stores the statistics at the end.
-        var, mean = torch.var_mean(x, dim=0, correction=0)
-        std = var.sqrt()
+        # Standardise once here instead of in every step (in place on the centred copy, so the
+        # caller's features are untouched); the probe stores the statistics at the end.
+        x = x - mean
+        # Column sums of squares in row blocks: small temporaries that stay in cache (a reduction
+        # over dim 0 of the whole matrix, as var_mean or vector_norm do it, is several times slower).
+        squares = torch.zeros(dim, device=device)
+        for block in x.split(4096):
+            squares += block.square().sum(dim=0)
+        std = squares.div_(n).sqrt_()
         std = torch.where(std > 1e-6, std, torch.ones_like(std))
-        x = (x - mean) / std
+        if not bool(torch.isfinite(std).all()):
+            raise ValueError("features are too large to standardise in float32 (a column's variance overflows)")
+        x.div_(std)
     probe.to(device).train()
-    head = probe.net  # x is standardised already, so the probe's own (identity) standardisation is skipped
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
     group_ids = groups.detach().cpu().long() if grouped else None
-    chunks_per_batch = max(1, batch_size // group_size)
+    batches = _batches(x, r, group_ids, objective, batch_size, group_size, generator)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(range(epochs), desc=f"fit Q-probe ({objective})", disable=not progress, leave=False, dynamic_ncols=True)
-    buffer = None
+    if engine not in ("auto", "autograd"):
+        raise ValueError(f"engine must be 'auto' or 'autograd', got {engine!r}")
+    run = _run_linear if not probe.hidden and engine == "auto" else _run_autograd
     with checks(False):  # the inputs were validated above; no per-step host reads
-        for _ in bar:
-            if grouped:
-                table = chunk_groups(group_ids, group_size, generator).to(device)
-                order = table.clamp(min=0).reshape(-1)
-            else:
-                order = torch.randperm(n, generator=generator).to(device)
-            # One gather per epoch into a reused buffer, so that every batch is a contiguous slice:
-            # much cheaper than gathering scattered rows batch by batch.
-            if buffer is None or buffer.shape[0] != order.shape[0]:
-                buffer = torch.empty((order.shape[0], dim), device=device)
-            torch.index_select(x, 0, order, out=buffer)
-            shuffled_r = r[order]
-            if grouped:
-                per_batch = chunks_per_batch * group_size
-                pieces = zip(buffer.split(per_batch), shuffled_r.split(per_batch), (table >= 0).split(chunks_per_batch))
-            else:
-                pieces = zip(buffer.split(batch_size), shuffled_r.split(batch_size), itertools.repeat(None))
-            total, steps = torch.zeros((), device=device), 0
-            for xb, rb, valid in pieces:
-                if grouped:
-                    q = head(xb).reshape(valid.shape)
-                    rb = rb.reshape(valid.shape)
-                    if objective == "pg":
-                        loss = pg_loss(q, rb, valid, temperature=temperature)
-                    else:
-                        win, lose = _preference_pairs(rb, valid)
-                        if win.numel() == 0:
-                            continue
-                        flat = q.reshape(-1)
-                        loss = preference_loss(flat[win], flat[lose])
-                else:
-                    q = head(xb).squeeze(-1)
-                    loss = mse_loss(q, rb) if objective == "mse" else bce_loss(q, rb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.detach()
-                steps += 1
-            if progress:
-                bar.set_postfix(loss=float(total) / max(1, steps))
+        run(probe, batches, bar, objective, lr=lr, weight_decay=weight_decay, temperature=temperature,
+            progress=progress)
     if standardize:
         probe.set_standardization(mean, std)
     return probe.eval()
