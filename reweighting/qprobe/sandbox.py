@@ -278,19 +278,26 @@ _probe_lock = threading.Lock()
 _probe_result: dict[tuple, str | None] = {}
 
 
+_SELF_TEST = None  # set below, once TestedProgram exists
+
+
 def isolation_available() -> tuple[bool, str]:
-    """Whether the bubblewrap sandbox starts on this machine, and if not, why (with how to fix it)."""
+    """Whether the bubblewrap sandbox works on this machine, and if not, why (with how to fix it).
+
+    The check (once per process) runs a known-good tested program through the whole sandbox and
+    harness and requires ``"passed"``: a machine where anything the harness needs is missing (user
+    namespaces, ``ctypes`` for ``prctl``, the interpreter) is refused here, rather than scoring every
+    program 0."""
     try:
         python = sandbox_python()
         key = (python, os.geteuid(), UID_BASE)
         with _probe_lock:
             if key not in _probe_result:
-                args = _bwrap_args(python, SandboxLimits()) + [python, "-I", "-S", "-B", "-c", "print('ok')"]
                 try:
-                    done = subprocess.run(args, capture_output=True, timeout=60, cwd="/", env={}, **_identity())
-                    ok = done.returncode == 0 and done.stdout.strip() == b"ok"
-                    _probe_result[key] = None if ok else (
-                        f"bwrap failed (exit {done.returncode}): {done.stderr.decode(errors='replace').strip()}")
+                    result = _run(_SELF_TEST, SandboxLimits(wall_seconds=60), "bwrap")
+                    _probe_result[key] = None if result.passed else (
+                        f"a known-good program ended with {result.status!r} ({result.detail}); "
+                        f"stderr: {result.stderr.strip()[-1000:]!r}")
                 except (OSError, subprocess.SubprocessError) as err:
                     _probe_result[key] = f"bwrap could not be started: {err}"
             reason = _probe_result[key]
@@ -387,11 +394,18 @@ def run_program(program: str | TestedProgram, limits: SandboxLimits | None = Non
         raise TypeError(f"limits must be a SandboxLimits, got {type(limits).__name__}")
     if isolation not in ISOLATIONS:
         raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
-    spec, tests = _spec(program, limits, isolation)
+    spec = _spec(program, limits, isolation)  # validates the program before anything starts
     if isolation == "bwrap":
         ok, reason = isolation_available()
         if not ok:
             raise SandboxUnavailable(reason)
+    return _run(program, limits, isolation, spec)
+
+
+def _run(program: str | TestedProgram, limits: SandboxLimits, isolation: str,
+         spec: tuple[dict, dict | None] | None = None) -> ExecutionResult:
+    spec, tests = spec or _spec(program, limits, isolation)
+    if isolation == "bwrap":
         python = sandbox_python()
         prefix, identity, cwd = _bwrap_args(python, limits), _identity(), "/"
     else:
@@ -491,6 +505,10 @@ def run_programs(programs: Iterable[str | TestedProgram], limits: SandboxLimits 
         from tqdm.auto import tqdm
 
         return list(tqdm(results, total=len(programs), desc="run programs", leave=False))
+
+
+_SELF_TEST = TestedProgram("def f(x):\n    return [x, 2 ** 70]\n",
+                           "def check(candidate):\n    assert candidate('a') == ['a', 2 ** 70]\n", "f")
 
 
 def humaneval_program(problem: dict, completion: str) -> TestedProgram:

@@ -164,6 +164,18 @@ def test_refused_namespaces_are_a_clear_error(monkeypatch):
         run_program(humaneval_program(ADD, "    return a + b\n"))
 
 
+
+@needs_sandbox
+def test_a_broken_harness_is_refused_not_scored_zero(monkeypatch):
+    # If something the harness needs is missing on a machine (here: it dies at once), every program
+    # would silently score 0; the self-test of isolation_available refuses the machine instead.
+    monkeypatch.setattr(sandbox, "_HARNESS", "import os\nos._exit(3)\n" + sandbox._HARNESS)
+    monkeypatch.setattr(sandbox, "_probe_result", {})
+    ok, reason = isolation_available()
+    assert not ok and "known-good program" in reason
+    with pytest.raises(SandboxUnavailable, match="known-good program"):
+        code_reward([humaneval_program(ADD, "    return a + b\n")])
+
 def test_inputs_are_validated():
     with pytest.raises(ValueError, match="wall_seconds"):
         SandboxLimits(wall_seconds=0)
