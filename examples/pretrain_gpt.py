@@ -25,6 +25,10 @@ sample the reweighter weights is a **document**: its mean next-token loss over i
 previous document is left out). The number of documents differs per micro-batch and per rank;
 the weights are normalised over all of them. PRESENCE scores rows and is refused here.
 
+``--chunked-loss``: the token losses come from the final hidden states and the output embedding,
+``chunk_tokens`` tokens at a time (:func:`reweighting.lm_loss.per_token_lm_loss`), so the
+``[B, T, V]`` logits never exist; the losses and gradients are those of the plain path.
+
 Mixed precision (``--amp bf16`` or ``fp16``): the forward runs under autocast, losses and weights
 are float32; fp16 adds a gradient scaler, applied to the per-sample losses' gradients so that it
 works with every reweighter (their weights see the unscaled losses).
@@ -45,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import reweighting as rw
 from reweighting import distributed as D
+from reweighting.lm_loss import per_token_lm_loss
 from reweighting.packing import document_index, document_losses, pack_documents
 from reweighting.studies.lm import GPTConfig, TinyGPT, pack_sequences, stdlib_documents
 
@@ -66,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--packed", action="store_true",
                    help="several short documents per row with document ids; weight documents, not rows")
+    p.add_argument("--chunked-loss", action="store_true",
+                   help="token losses from hidden states in chunks: the [B, T, V] logits are never built")
+    p.add_argument("--chunk-tokens", type=int, default=None, help="tokens per chunk with --chunked-loss (auto)")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -106,24 +114,55 @@ def setup_distributed(device_arg: str) -> torch.device:
     return torch.device(device_arg if device_arg not in ("auto", "cuda") else "cpu")
 
 
-def sequence_losses(model: torch.nn.Module, batch: torch.Tensor, autocast) -> torch.Tensor:
-    """Per-sequence mean next-token loss ``[B]`` (float32) for rows ``[B, T + 1]``; ``model`` may be DDP-wrapped."""
+class GPT(TinyGPT):
+    """:class:`TinyGPT` whose forward can stop at the final hidden states (for ``--chunked-loss``).
+
+    Going through ``forward`` (rather than calling the blocks from outside) keeps DDP's hooks.
+    """
+
+    chunk_tokens: int | None = None
+
+    def forward(self, tokens: torch.Tensor, hidden_only: bool = False) -> torch.Tensor:
+        t = tokens.shape[1]
+        if t > self.cfg.context:
+            raise ValueError(f"sequence length {t} exceeds the model's context {self.cfg.context}")
+        x = self.tok(tokens) + self.pos(torch.arange(t, device=tokens.device))
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_f(x)
+        return x if hidden_only else self.head(x)
+
+
+def token_losses(model: torch.nn.Module, rows: torch.Tensor, autocast, chunked: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy ``[B, T]`` (float32) for rows ``[B, T + 1]``; ``model`` may be DDP-wrapped.
+
+    ``chunked``: from the hidden states and the output embedding in chunks, without the logits.
+    """
     with autocast():
-        logits = model(batch[:, :-1])
-    token_loss = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
-    return rw.sequence_loss(token_loss)
+        if not chunked:
+            logits = model(rows[:, :-1])
+        else:
+            bare = model.module if isinstance(model, DistributedDataParallel) else model
+            hidden = model(rows[:, :-1], hidden_only=True)
+            return per_token_lm_loss(hidden, bare.head.weight, rows[:, 1:], chunk_tokens=bare.chunk_tokens)
+    return F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")
 
 
-def packed_document_losses(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], autocast) -> torch.Tensor:
+def sequence_losses(model: torch.nn.Module, batch: torch.Tensor, autocast, chunked: bool = False) -> torch.Tensor:
+    """Per-sequence mean next-token loss ``[B]`` (float32) for rows ``[B, T + 1]``; ``model`` may be DDP-wrapped."""
+    return rw.sequence_loss(token_losses(model, batch, autocast, chunked))
+
+
+def packed_document_losses(
+    model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], autocast, chunked: bool = False
+) -> torch.Tensor:
     """Per-document mean next-token loss ``[N]`` (float32) for packed rows ``[B, T + 1]`` and their document ids.
 
     Position ``t`` predicts token ``t + 1`` and belongs to that token's document; the prediction of
     a document's first token (from the previous document) and padding carry no loss.
     """
     rows, ids = batch
-    with autocast():
-        logits = model(rows[:, :-1])
-    token_loss = F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")
+    token_loss = token_losses(model, rows, autocast, chunked)
     targets = ids[:, 1:]
     carries = (ids[:, :-1] == targets) & (targets >= 0)
     return document_losses(token_loss, carries, document_ids=targets, pad_id=-1).loss
@@ -166,7 +205,10 @@ def train(args: argparse.Namespace) -> dict:
                                             seed=args.seed)
     indices = iter(sampler)
 
-    model = TinyGPT(GPTConfig(context=args.seq_len, dim=args.dim, layers=args.layers, heads=args.heads)).to(device)
+    if args.chunked_loss and args.reweighter == "presence":
+        raise ValueError("--chunked-loss bypasses the output layer's forward, which PRESENCE's self-influence needs")
+    model = GPT(GPTConfig(context=args.seq_len, dim=args.dim, layers=args.layers, heads=args.heads)).to(device)
+    model.chunk_tokens = args.chunk_tokens
     ddp = DistributedDataParallel(model) if world > 1 else model  # broadcasts rank 0's parameters
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
@@ -193,7 +235,9 @@ def train(args: argparse.Namespace) -> dict:
         si = rw.SelfInfluence(model, broadcast=[model.pos])
 
     def sample_losses(net: torch.nn.Module, mb) -> torch.Tensor:
-        return packed_document_losses(net, mb, autocast) if args.packed else sequence_losses(net, mb, autocast)
+        if args.packed:
+            return packed_document_losses(net, mb, autocast, args.chunked_loss)
+        return sequence_losses(net, mb, autocast, args.chunked_loss)
 
     losses_log, ess_log, documents_log = [], [], []
     start = time.perf_counter()
@@ -255,7 +299,8 @@ def train(args: argparse.Namespace) -> dict:
 
     result = {"reweighter": args.reweighter, "world_size": world, "steps": args.steps,
               "batch_size": args.batch_size, "micro_batches": args.micro_batches, "accumulation": args.accumulation,
-              "amp": args.amp, "device": str(device), "packed": args.packed, "losses": losses_log,
+              "amp": args.amp, "device": str(device), "packed": args.packed, "chunked_loss": args.chunked_loss,
+              "losses": losses_log,
               "ess_fraction": ess_log, "samples_per_step": documents_log,
               "heldout_loss": heldout_loss(model, heldout, autocast), "seconds": time.perf_counter() - start}
     if rank == 0:

@@ -25,7 +25,7 @@ CONFIGS = {
     "presence": ["--reweighter", "presence", "--accumulation", "micro", "--switch-step", "2"],
     # Several documents per row, a different number on each rank: weights over all documents.
     "packed-linupper": ["--reweighter", "linupper", "--accumulation", "global", "--packed"],
-    "packed-none": ["--reweighter", "none", "--packed"],
+    "packed-chunked": ["--reweighter", "quadratic", "--accumulation", "micro", "--packed", "--chunked-loss"],
 }
 
 
@@ -95,7 +95,7 @@ def _run_configs(rank, world, configs):
 
 
 def test_every_reweighter_on_two_gloo_processes_equals_one_process():
-    configs = ["none", "quadratic-micro", "presence", "packed-linupper", "packed-none"]
+    configs = ["none", "quadratic-micro", "presence", "packed-linupper", "packed-chunked"]
     results = launch(_run_configs, 2, configs, timeout=300)
     for config in configs:
         want = single_process(config)
@@ -112,3 +112,16 @@ def test_packed_mode_weights_documents_not_rows():
     example = load_example()
     with pytest.raises(ValueError, match="PRESENCE"):
         example.train(example.parse_args(TINY + ["--reweighter", "presence", "--packed"]))
+
+
+def test_chunked_loss_gives_the_plain_run():
+    """--chunked-loss (no [B, T, V] logits) trains exactly like the plain cross-entropy (packed rows here)."""
+    example = load_example()
+    flags = TINY + CONFIGS["packed-linupper"]
+    plain = example.train(example.parse_args(flags))
+    chunked = example.train(example.parse_args(flags + ["--chunked-loss", "--chunk-tokens", "7"]))
+    assert chunked["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    assert chunked["heldout_loss"] == pytest.approx(plain["heldout_loss"], rel=1e-5)
+    assert chunked["ess_fraction"] == pytest.approx(plain["ess_fraction"], rel=1e-5)
+    with pytest.raises(ValueError, match="PRESENCE"):
+        example.train(example.parse_args(TINY + ["--reweighter", "presence", "--chunked-loss"]))

@@ -66,8 +66,8 @@ def llama_trainer(tmp_path, collator, *, batch=3, steps=1, max_steps=2, dataset=
                               data_collator=collator, **kwargs)
 
 
-@pytest.mark.parametrize("flash_kwargs", [False, True])
-@pytest.mark.parametrize("steps, accumulation", [(1, None), (2, "global"), (2, "micro")])
+@pytest.mark.parametrize("steps, accumulation, flash_kwargs", [(1, None, False), (2, "global", True),
+                                                              (2, "micro", False)])
 def test_flattened_batches_equal_the_documents_padded_one_per_row(tmp_path, flash_kwargs, steps, accumulation):
     """DataCollatorWithFlattening: all documents of a micro-batch in one row; weights per document."""
     def run(collator):
@@ -237,7 +237,7 @@ def dropout_model():
     return GPT2LMHeadModel(cfg)
 
 
-@pytest.mark.parametrize("accumulation", ["global", "micro"])
+@pytest.mark.parametrize("accumulation", ["global"])  # micro passed before the fix too (no scoring pass)
 def test_resumed_run_equals_uninterrupted_with_dropout(tmp_path, accumulation):
     def trainer(out, save):
         args = TrainingArguments(
