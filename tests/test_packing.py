@@ -267,3 +267,15 @@ def test_pack_documents_rows_and_ids():
         pack_documents(docs, 4, min_tokens=5)
     with pytest.raises(ValueError, match="nothing to pack"):
         pack_documents([b"x"], 4)
+
+
+def test_readme_packing_block_runs(capsys):
+    """The README's per-document block runs as written and prints what its comment says."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "document_losses(token_loss" in b]
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "[0, 0, 0, 1, 1] [3, 2, 3, 6, 2]"
