@@ -23,6 +23,7 @@ Per optimizer step, over the **global** batch (every data-parallel rank's sample
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -32,7 +33,7 @@ import torch
 from . import distributed as D
 from .checks import check_positive_number, check_temperature, checks, checks_enabled, describe_indices
 from .reduce import accumulate_weighted, check_window
-from .weights import WeightStats, normalize, tilt, weight_stats
+from .weights import WeightStats, normalize, weight_stats
 
 __all__ = ["LossReweighter", "STRATEGIES", "LOSS_NORMALIZATIONS", "strategy_scores"]
 
@@ -330,47 +331,71 @@ class LossReweighter:
         mask = self._check_input(per_sample_loss, mask)
         values = per_sample_loss.detach().float()
         n_local = values.shape[0]
-        excluded = torch.zeros_like(values) if mask is None else (~mask).float()
-        # One collective: every rank's losses and exclusion flags (a few KB); everything below is
-        # computed locally on the global batch, identically on every rank.
-        rows, counts, self._capacity = D.gather_rows(torch.stack([values, excluded], dim=1), self._capacity,
-                                                     self.group)
-        offset = sum(counts[: D.rank(self.group)])
-        everything, taking_part = rows[:, 0], rows[:, 1] == 0
+        if D.is_distributed(self.group):
+            # One collective: every rank's losses and exclusion flags (a few KB); everything below
+            # is computed locally on the global batch, identically on every rank.
+            excluded = torch.zeros_like(values) if mask is None else (~mask).float()
+            rows, counts, self._capacity = D.gather_rows(torch.stack([values, excluded], dim=1), self._capacity,
+                                                         self.group)
+            offset = sum(counts[: D.rank(self.group)])
+            everything, taking_part = rows[:, 0], (rows[:, 1] == 0 if mask is not None else None)
+        else:
+            counts, offset, everything, taking_part = [n_local], 0, values, mask
         finite = torch.isfinite(everything)
-        bad = taking_part & ~finite
-        keep = taking_part & finite if self.nonfinite == "zero" else taking_part
+        bad = ~finite if taking_part is None else taking_part & ~finite
+        if self.nonfinite == "zero":
+            keep = finite if taking_part is None else taking_part & finite
+        else:
+            keep = taking_part  # None: every sample takes part
         if checks_enabled():
-            any_bad, any_kept = torch.stack([bad.any(), keep.any()]).tolist()  # one host read
+            any_bad, any_kept = torch.stack([bad.any(), torch.ones((), dtype=torch.bool) if keep is None
+                                             else keep.any()]).tolist()  # one host read
             if self.nonfinite == "raise" and any_bad:
                 raise self._nonfinite_error(bad, everything, offset, n_local,
                                             counts if D.is_distributed(self.group) else None)
             if not any_kept:
+                n_masked = 0 if taking_part is None else int((~taking_part).sum())
                 raise ValueError(
-                    f"no sample of per_sample_loss is left to weight over the global batch of {rows.shape[0]}: "
-                    f"{int((~taking_part).sum())} excluded by mask, {int(bad.sum())} non-finite"
+                    f"no sample of per_sample_loss is left to weight over the global batch of "
+                    f"{everything.shape[0]}: {n_masked} excluded by mask, {int(bad.sum())} non-finite"
                 )
-        all_kept = mask is None and self.nonfinite == "raise"
-        local = D.LOCAL
-        if self._is_uniform():
-            ones = keep.float()
-            weights = ones / ones.sum()
-        else:
-            temperature = self.warmup_temperature if self.in_warmup else self.temperature
-            safe = torch.where(keep, everything, torch.zeros_like(everything))
-            # Every value has been checked above (or the policy masks it), and finite losses give
-            # finite scores: skip the core's per-call re-checks (a host sync each).
-            with checks(False):
-                h = normalize(safe, self.normalize, self.delta, mask=None if all_kept else keep, group=local)
-                scores = strategy_scores(h, self.strategy, self.delta)
-                weights = tilt(scores, temperature, mask=None if all_kept else keep, group=local)
-        n_masked = (~taking_part).sum()
+        weights = self._global_weights(everything, keep)
+        n_masked = 0 if taking_part is None else (~taking_part).sum()
         n_bad = bad.sum() if self.nonfinite == "zero" else 0
         with checks(False):  # the weights were made here: no host read to re-check them
-            self.stats = weight_stats(weights, mask=None if all_kept else keep, n_nonfinite=bad.sum(),
-                                      n_dropped=n_masked + n_bad, n_masked=n_masked, group=local)
+            self.stats = weight_stats(weights, mask=keep, n_nonfinite=bad.sum(), n_dropped=n_masked + n_bad,
+                                      n_masked=n_masked, group=D.LOCAL)
         mine = weights[offset : offset + n_local]
-        return mine, (None if all_kept else keep[offset : offset + n_local])
+        return mine, (None if keep is None else keep[offset : offset + n_local])
+
+    def _global_weights(self, values: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Weights of the whole (gathered) batch: ``softmax(f(h(l)) / r)`` over the samples in ``keep``.
+
+        Computed in this process only; the values are already checked (or masked by the policy),
+        so the core's per-call checks are skipped. Min-max and the softmax are written out here
+        (a handful of tensor ops) since this runs on every training step.
+        """
+        if self._is_uniform():
+            ones = torch.ones_like(values) if keep is None else keep.float()
+            return ones / ones.sum()
+        temperature = self.warmup_temperature if self.in_warmup else self.temperature
+        safe = values if keep is None else torch.where(keep, values, torch.zeros_like(values))
+        if self.normalize == "minmax":
+            if keep is None:
+                lo, hi = torch.aminmax(safe)
+            else:
+                hi = torch.where(keep, safe, torch.full_like(safe, -math.inf)).amax()
+                lo = torch.where(keep, safe, torch.full_like(safe, math.inf)).amin()
+            # minmax_normalize's formula (eps = 1e-6 as there)
+            h = self.delta * (2 * safe - hi - lo) / torch.clamp(hi - lo, min=1e-6)
+        else:
+            with checks(False):
+                h = normalize(safe, self.normalize, self.delta, mask=keep, group=D.LOCAL)
+        logits = strategy_scores(h, self.strategy, self.delta) / temperature
+        if keep is not None:
+            logits = torch.where(keep, logits, torch.full_like(logits, -math.inf))
+        # tilt's formula: exp(s / r - max) / sum, the maximum taken over the included samples
+        return torch.softmax(logits, dim=0)
 
     def weights(self, per_sample_loss: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Detached float32 weights of this rank's samples, summing to 1 over the global batch; sets ``stats``.

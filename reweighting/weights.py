@@ -270,25 +270,24 @@ def weight_stats(
     if mask is not None:
         check_mask(mask, weights, "weights")
     w = weights.detach().float()
-    keep = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.to(device=w.device, dtype=torch.bool)
+    keep = None if mask is None else mask.to(device=w.device, dtype=torch.bool)
+    wk = w if keep is None else torch.where(keep, w, torch.zeros_like(w))
     if checks_enabled():
-        check_weight_values(torch.where(keep, w, torch.zeros_like(w)), "weights",
-                             require_positive=not D.is_distributed(group))
-    wk = torch.where(keep, w, torch.zeros_like(w))
-    sums = D.all_reduce_sum(
-        torch.stack([
-            keep.float().sum(),
-            wk.sum(),
-            (wk * wk).sum(),
-            torch.where(wk > 0, wk * torch.log(torch.clamp(wk, min=1e-38)), torch.zeros_like(wk)).sum(),
-            torch.as_tensor(n_nonfinite, dtype=torch.float32, device=w.device).reshape(()),
-            torch.as_tensor(n_dropped, dtype=torch.float32, device=w.device).reshape(()),
-            torch.as_tensor(n_masked, dtype=torch.float32, device=w.device).reshape(()),
-        ]),
-        group,
-    )
-    n, total, squares, w_log_w, nonfinite, dropped, masked = sums
-    hi, lo = _masked_range(w, keep, group)
+        check_weight_values(wk, "weights", require_positive=not D.is_distributed(group))
+    # Counts and moments in one all-reduce; Python counts become one small tensor (this runs on
+    # every training step, so the number of tensor ops matters more than their size).
+    parts = [w.shape[0] if keep is None else keep.sum(), n_nonfinite, n_dropped, n_masked]
+    if any(isinstance(c, torch.Tensor) for c in parts):
+        counts = torch.stack([torch.as_tensor(c, dtype=torch.float32, device=w.device).reshape(()) for c in parts])
+    else:
+        counts = w.new_tensor([float(c) for c in parts])
+    moments = torch.stack([wk.sum(), (wk * wk).sum(), torch.special.xlogy(wk, wk).sum()])
+    sums = D.all_reduce_sum(torch.cat([counts, moments]), group)
+    n, nonfinite, dropped, masked, total, squares, w_log_w = sums.unbind()
+    if keep is None and not D.is_distributed(group):
+        lo, hi = torch.aminmax(w)
+    else:
+        hi, lo = _masked_range(w, torch.ones_like(w, dtype=torch.bool) if keep is None else keep, group)
     ess = total * total / squares
     # Entropy of p = w / total: -sum p log p = log(total) - sum(w log w) / total.
     entropy = torch.log(total) - w_log_w / total

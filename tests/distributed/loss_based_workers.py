@@ -89,9 +89,10 @@ def on_rank(rank, world):
     return out  # launch() serialises the tensors by value
 
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
-               "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
-               "gather", "scatter", "barrier")
+COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "all_gather_single",
+               "all_gather_coalesced", "_all_gather_base", "all_gather_object", "broadcast", "broadcast_object_list",
+               "reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base",
+               "all_to_all", "all_to_all_single", "gather", "gather_object", "scatter", "barrier")
 
 
 def count_collectives(rank, world):
