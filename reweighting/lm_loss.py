@@ -13,9 +13,10 @@ per-sample losses ``l_i`` (METHODS.md, "per-sequence loss"), so this module retu
 Both go through one autograd function that processes ``chunk_tokens`` tokens at a time. Forward
 keeps only ``logsumexp`` (one float per token); backward recomputes each chunk's logits and forms
 ``dz = g * (softmax(z) - onehot(y))`` in place, from which ``grad_hidden = dz W``,
-``grad_weight += dz^T h`` and ``grad_bias += sum dz``. Peak extra memory is about two
-``chunk_tokens x V`` buffers plus the gradient of ``W``; the price is one more ``[N, H] x [H, V]``
-matmul than the materialised path (the logits are computed twice).
+``grad_weight += dz^T h`` and ``grad_bias += sum dz``. The extra memory is one reused
+``chunk_tokens x V`` logit buffer (two under autocast) and the gradient of ``W``; the price is one
+more ``[N, H] x [H, V]`` matmul than the materialised path (the logits are computed twice), 4 matmuls
+instead of 3.
 
 Precision: the matmuls run in the inputs' dtype, or in the autocast dtype when called under
 ``torch.autocast`` (as ``F.linear`` would); ``logsumexp``, the softmax and the token losses are computed
@@ -31,9 +32,14 @@ from reweighting.reduce import sequence_loss
 
 __all__ = ["per_token_lm_loss", "per_sequence_lm_loss"]
 
-# Logit elements per chunk when chunk_tokens is None: 2**25 float32 = 128 MiB, i.e. 682 tokens at
-# SmolLM2's 49,152 vocabulary and 256 at 128k; large enough that the matmuls stay efficient.
-_AUTO_CHUNK_ELEMENTS = 2**25
+# chunk_tokens=None: logit buffers of about 64 MiB (341 tokens at SmolLM2's 49,152 vocabulary in
+# float32, 227 under bf16 autocast, which keeps a bf16 and a float32 buffer), but never fewer than
+# 256 tokens: below that each chunk's matmuls re-read W for too little work (measured 1.3-2x slower
+# on CPU at 64-128 tokens).
+_AUTO_CHUNK_BYTES = 2**26
+_MIN_AUTO_CHUNK = 256
+# Vocabulary rows per block of the lower-precision grad_weight product.
+_VOCAB_BLOCK = 8192
 
 
 def _compute_dtypes(hidden: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -46,9 +52,11 @@ def _compute_dtypes(hidden: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
     return matmul, acc
 
 
-def _chunk_size(chunk_tokens: int | None, n: int, vocab: int) -> int:
+def _chunk_size(chunk_tokens: int | None, n: int, vocab: int, dtypes: tuple[torch.dtype, torch.dtype]) -> int:
     if chunk_tokens is None:
-        chunk_tokens = max(1, _AUTO_CHUNK_ELEMENTS // max(vocab, 1))
+        matmul, acc = dtypes
+        per_logit = acc.itemsize + (matmul.itemsize if matmul != acc else 0)
+        chunk_tokens = max(_MIN_AUTO_CHUNK, _AUTO_CHUNK_BYTES // (per_logit * vocab))
     return max(1, min(int(chunk_tokens), max(n, 1)))
 
 
@@ -58,33 +66,59 @@ def _valid_rows(h: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> tor
     return h.to(dtype).masked_fill(~valid[:, None], 0.0)
 
 
+class _Logits:
+    """Computes one chunk's logits ``h_c W^T (+ b)`` into buffers reused across chunks.
+
+    Reusing one ``[chunk, V]`` buffer (and a float32 copy when the matmul runs in a lower precision)
+    rather than allocating per chunk avoids returning hundreds of MiB to the OS and faulting them
+    back in on every chunk.
+    """
+
+    def __init__(self, weight, bias, chunk, matmul_dtype, acc_dtype):
+        self.wt = weight.to(matmul_dtype).t()
+        self.bias = None if bias is None else bias.to(matmul_dtype)
+        vocab = weight.shape[0]
+        self.raw = torch.empty(chunk, vocab, dtype=matmul_dtype, device=weight.device)
+        self.acc = self.raw if matmul_dtype == acc_dtype else torch.empty(
+            chunk, vocab, dtype=acc_dtype, device=weight.device)
+
+    def __call__(self, hc: torch.Tensor) -> torch.Tensor:
+        rows = hc.shape[0]
+        raw = self.raw[:rows]
+        if self.bias is None:
+            torch.mm(hc, self.wt, out=raw)
+        else:
+            torch.addmm(self.bias, hc, self.wt, out=raw)
+        if self.acc is self.raw:
+            return raw
+        return self.acc[:rows].copy_(raw)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Token losses ``[N]`` from ``h [N, H]``, ``W [V, H]``, ``b [V] | None``, ``y [N]`` (ignored: ``valid`` False)."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, valid, chunk):
         matmul_dtype, acc_dtype = _compute_dtypes(h)
-        n, vocab = h.shape[0], weight.shape[0]
+        n = h.shape[0]
         with torch.autocast(h.device.type, enabled=False):
-            wc = weight.to(matmul_dtype)
-            bc = None if bias is None else bias.to(matmul_dtype)
+            logits = _Logits(weight, bias, chunk, matmul_dtype, acc_dtype)
             # Ignored tokens gather index 0 (any valid id); their loss is replaced by 0 below.
             safe = torch.where(valid, targets, torch.zeros_like(targets))
             lse = torch.empty(n, dtype=acc_dtype, device=h.device)
             target_logit = torch.empty(n, dtype=acc_dtype, device=h.device)
             for start in range(0, n, chunk):
                 stop = min(start + chunk, n)
-                hc = _valid_rows(h[start:stop], valid[start:stop], matmul_dtype)
-                z = hc @ wc.t() if bc is None else torch.addmm(bc, hc, wc.t())
-                z = z.to(acc_dtype)
+                z = logits(_valid_rows(h[start:stop], valid[start:stop], matmul_dtype))
                 target_logit[start:stop] = z.gather(1, safe[start:stop, None]).squeeze(1)
-                lse[start:stop] = torch.logsumexp(z, dim=1)
-                del z
+                # logsumexp in place in the buffer: max + log(sum(exp(z - max))).
+                top = z.amax(dim=1, keepdim=True)
+                lse[start:stop] = z.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
+            del logits
             loss = torch.where(valid, lse - target_logit, torch.zeros_like(lse))
         ctx.save_for_backward(h, weight, bias, safe, valid, lse)
         ctx.chunk = chunk
         ctx.dtypes = (matmul_dtype, acc_dtype)
-        ctx.vocab = vocab
         return loss
 
     @staticmethod
@@ -99,41 +133,44 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         h, weight, bias, safe, valid, lse = ctx.saved_tensors
         matmul_dtype, acc_dtype = ctx.dtypes
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        n = h.shape[0]
+        n, chunk = h.shape[0], ctx.chunk
         grad_h = grad_w = grad_b = None
         with torch.autocast(h.device.type, enabled=False):
-            # Ignored tokens get exactly zero gradient, even where their hidden state is not finite.
+            # Ignored tokens get exactly zero gradient, whatever the upstream gradient there.
             g = torch.where(valid, grad_loss.to(acc_dtype), torch.zeros((), dtype=acc_dtype, device=h.device))
-            wc = weight.to(matmul_dtype)
-            bc = None if bias is None else bias.to(matmul_dtype)
+            logits = _Logits(weight, bias, chunk, matmul_dtype, acc_dtype)
+            wc = logits.wt.t()
             if need_h:
-                grad_h = torch.empty_like(h)
+                grad_h = torch.empty(h.shape, dtype=matmul_dtype, device=h.device)
             if need_w:
                 grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
             if need_b:
                 grad_b = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device)
-            rows = torch.arange(min(ctx.chunk, n), device=h.device)
-            for start in range(0, n, ctx.chunk):
-                stop = min(start + ctx.chunk, n)
+            rows = torch.arange(min(chunk, n), device=h.device)
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
                 hc = _valid_rows(h[start:stop], valid[start:stop], matmul_dtype)
-                z = hc @ wc.t() if bc is None else torch.addmm(bc, hc, wc.t())
-                z = z.to(acc_dtype)
                 # dz = g * (softmax(z) - onehot(y)), built in place in the logits buffer.
-                p = z.sub_(lse[start:stop, None]).exp_()
+                p = logits(hc).sub_(lse[start:stop, None]).exp_()
                 p[rows[: stop - start], safe[start:stop]] -= 1.0
                 # Ignored rows: g = 0, and finite since their hidden rows were zeroed.
                 p.mul_(g[start:stop, None])
                 if need_b:
                     grad_b += p.sum(dim=0)
-                dz = p.to(matmul_dtype)
-                del p, z
+                dz = p if logits.acc is logits.raw else logits.raw[: stop - start].copy_(p)
                 if need_h:
-                    grad_h[start:stop] = (dz @ wc).to(h.dtype)
+                    torch.mm(dz, wc, out=grad_h[start:stop])
                 if need_w and dz.dtype == acc_dtype:
                     grad_w.addmm_(dz.t(), hc)
                 elif need_w:
-                    grad_w += (dz.t() @ hc).to(acc_dtype)
-                del dz
+                    # Lower-precision products summed into float32 in vocabulary blocks, so that no
+                    # [V, H] temporary exists besides grad_weight itself.
+                    for v0 in range(0, grad_w.shape[0], _VOCAB_BLOCK):
+                        v1 = min(v0 + _VOCAB_BLOCK, grad_w.shape[0])
+                        grad_w[v0:v1] += dz[:, v0:v1].t() @ hc
+            del logits
+        if grad_h is not None:
+            grad_h = grad_h.to(h.dtype)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
@@ -225,8 +262,9 @@ def per_token_lm_loss(
         bias: optional output bias ``[V]``.
         shift: for Hugging Face style ``labels`` (the same tensor as the inputs): use
             ``hidden[:, :-1]`` with ``targets[:, 1:]``, so the result is ``[B, T - 1]``.
-        chunk_tokens: tokens per chunk (the peak extra memory is about ``2 * chunk_tokens * V``
-            floats); ``None`` picks about ``2**25 / V``.
+        chunk_tokens: tokens per chunk; the extra memory is one ``chunk_tokens x V`` float32 buffer
+            (plus one in the autocast dtype), the gradient of ``weight`` and, under autocast, a copy
+            of ``weight`` in that dtype. ``None``: buffers of about 64 MiB, at least 256 tokens.
 
     Returns:
         ``[B, T]`` (``[B, T - 1]`` with ``shift``) float32 losses (float64 for float64 inputs), with graph.
@@ -260,7 +298,8 @@ def _token_loss(hidden, weight, targets, bias, ignore_index, chunk_tokens) -> to
                 f"targets has token ids outside [0, {vocab}) (the vocabulary of weight) that are not "
                 f"ignore_index={ignore_index}: values {values} at (sequence, position) {_positions(bad)}"
             )
-    loss = _ChunkedCrossEntropy.apply(h, weight, bias, y, valid, _chunk_size(chunk_tokens, h.shape[0], vocab))
+    chunk = _chunk_size(chunk_tokens, h.shape[0], vocab, _compute_dtypes(h))
+    loss = _ChunkedCrossEntropy.apply(h, weight, bias, y, valid, chunk)
     loss = loss.reshape(out_shape)
     if checks_enabled():
         bad = ~torch.isfinite(loss.detach())

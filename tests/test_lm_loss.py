@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import reweighting as rw
+from reweighting import lm_loss
 from reweighting.lm_loss import per_sequence_lm_loss, per_token_lm_loss
 
 B, T, H, V = 3, 7, 16, 53
@@ -65,8 +66,9 @@ def test_float32_matches_materialised(chunk):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [1, 5, None])
-def test_bf16_autocast_matches_materialised_autocast(chunk):
+@pytest.mark.parametrize("chunk, vocab_block", [(1, 8192), (5, 7), (None, 8192)])
+def test_bf16_autocast_matches_materialised_autocast(chunk, vocab_block, monkeypatch):
+    monkeypatch.setattr(lm_loss, "_VOCAB_BLOCK", vocab_block)
     # Under autocast both paths run the matmuls in bfloat16 and the softmax in float32; they differ
     # only in bf16 rounding (the chunked path accumulates grad_weight in float32), so each must be
     # as close to the float32 answer as the materialised bf16 path is, and close to it.
