@@ -29,7 +29,13 @@ namespaces that limit counts the processes of one sandbox only, so concurrent ru
 without counting each other. That user cannot traverse a private directory such as ``/root``, so
 the interpreter in the sandbox is this one when every directory to it is world-searchable, else a
 system ``python3`` (``/usr/bin/python3``, ``/usr/local/bin/python3``), or
-``REWEIGHTING_SANDBOX_PYTHON``. The harness uses only the standard library.
+``REWEIGHTING_SANDBOX_PYTHON``. The harness uses only the standard library. Without root, ``bwrap``
+runs as the caller, whose user id the sandbox's processes then have outside it.
+
+Nothing the evaluator does follows a path the program could create or replace: the run's
+specification goes in through an anonymous memory file, output and verdict come back through
+pipes (read with caps), no lock file or working directory is made on the host, and the processes
+all end with the sandbox's pid namespace, so there is nothing to clean up.
 
 Limits set before any program code runs, which the program cannot raise: CPU seconds per process
 (``RLIMIT_CPU``), address space per process (``RLIMIT_AS``), processes (``RLIMIT_NPROC``), size of
