@@ -7,8 +7,16 @@ file counts the same however long it is; the reweighter then tilts within each g
     python examples/trainer_reweighting.py --reweighter linupper --steps 100
     python examples/trainer_reweighting.py --reweighter presence --accumulation-steps 1
     torchrun --nproc-per-node 2 examples/trainer_reweighting.py --reweighter quadratic   # weights over both ranks
+    python examples/trainer_reweighting.py --padding-free                               # a sample is a document
 
-The Trainer's logs gain ``weights/ess_fraction``, ``weights/max_min_ratio``, ... beside ``loss``.
+The Trainer's logs gain ``weights/ess_fraction``, ``weights/max_min_ratio``,
+``weights/documents_per_step``, ... beside ``loss``.
+
+``--padding-free``: the samples are short documents (each file's blank-line separated blocks, up
+to ``--seq-len`` bytes, weighted ``1 / blocks of its file``), and ``DataCollatorWithFlattening``
+puts each micro-batch into one row with ``position_ids`` restarting at every document; the
+adapter weights the documents, not the row. The model is then a tiny random Llama (its attention
+keeps the documents of a row apart).
 """
 
 from __future__ import annotations
@@ -19,7 +27,15 @@ import tempfile
 
 import datasets
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments, default_data_collator
+from transformers import (
+    DataCollatorWithFlattening,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainingArguments,
+    default_data_collator,
+)
 
 import reweighting as rw
 from reweighting.integrations.hf_trainer import ReweightingTrainer
@@ -42,6 +58,17 @@ def build_dataset(seq_len: int, max_documents: int | None) -> datasets.Dataset:
     })
 
 
+def build_documents(seq_len: int, max_documents: int | None) -> datasets.Dataset:
+    """Short documents (blank-line separated blocks of each file), token = byte + 1, weight 1 / blocks of the file."""
+    files, _ = stdlib_documents(max_documents)
+    ids, weights = [], []
+    for f in files:
+        blocks = [b[:seq_len] for b in f.split(b"\n\n") if len(b) >= 16]
+        ids += [[byte + 1 for byte in b] for b in blocks]
+        weights += [1.0 / len(blocks)] * len(blocks)
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids, "sample_weight": weights})
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reweighter", choices=("none", "linupper", "quadratic", "extremes", "presence"),
@@ -59,6 +86,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--output-dir", default=None)
     p.add_argument("--sampling", choices=("random", "sequential"), default="random",
                    help="data order; sequential makes runs on different numbers of processes comparable")
+    p.add_argument("--padding-free", action="store_true",
+                   help="documents flattened into one row per micro-batch (DataCollatorWithFlattening)")
     p.add_argument("--out", default=None, help="write the Trainer's log history here (JSON, main process)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -68,6 +97,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = GPT2LMHeadModel(config)
+    dataset_fn, collator = build_dataset, default_data_collator
+    if args.padding_free:
+        if args.reweighter == "presence":
+            raise SystemExit("--padding-free weights documents; PRESENCE in the Trainer scores rows")
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=args.seq_len, attention_dropout=args.dropout,
+            attn_implementation="sdpa", bos_token_id=0, eos_token_id=0, pad_token_id=0))
+        dataset_fn, collator = build_documents, DataCollatorWithFlattening()
     extra = {}
     if args.reweighter == "presence":
         # Score only the first block's LayerNorms (the paper scores the first layers; cheap) and update the
@@ -88,8 +126,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             logging_steps=max(args.steps // 10, 1), save_strategy="no", report_to=[],
             use_cpu=not torch.cuda.is_available(), train_sampling_strategy=args.sampling,
         )
-        trainer = ReweightingTrainer(model=model, args=training, train_dataset=build_dataset(args.seq_len,
-                                     args.max_documents), data_collator=default_data_collator, **extra)
+        trainer = ReweightingTrainer(model=model, args=training, train_dataset=dataset_fn(args.seq_len,
+                                     args.max_documents), data_collator=collator, **extra)
         trainer.train()
     if args.out and trainer.is_world_process_zero():
         with open(args.out, "w") as f:

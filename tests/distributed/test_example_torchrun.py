@@ -125,3 +125,15 @@ def test_chunked_loss_gives_the_plain_run():
     assert chunked["ess_fraction"] == pytest.approx(plain["ess_fraction"], rel=1e-5)
     with pytest.raises(ValueError, match="PRESENCE"):
         example.train(example.parse_args(TINY + ["--reweighter", "presence", "--chunked-loss"]))
+
+
+def test_trainer_example_padding_free_weights_documents():
+    """--padding-free: each micro-batch is one flattened row, and the weights are over its documents."""
+    script = ROOT / "examples" / "trainer_reweighting.py"
+    log = load_example(script).main(["--padding-free", "--steps", "2", "--max-documents", "5", "--batch-size", "4",
+                                     "--accumulation-steps", "2", "--dropout", "0"])
+    logged = [h for h in log if "loss" in h]
+    assert len(logged) == 2
+    for h in logged:
+        assert h["weights/documents_per_step"] == 8 and h["weights/n"] == 8  # not 2 rows
+        assert 0 < h["weights/ess_fraction"] < 1
