@@ -119,7 +119,7 @@ ISOLATIONS = ("bwrap", "none-unsafe")
 _HARNESS = (Path(__file__).with_name("_harness.py")).read_text()
 _INSIDE_UID = 65534
 _WORKDIR = "/sandbox"
-_INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`; Fedora: `dnf install "
+_INSTALL_HINT = ("install bubblewrap 0.8 or later (Debian/Ubuntu: `apt-get install bubblewrap`; Fedora: `dnf install "
                  "bubblewrap`) and allow unprivileged user namespaces (sysctl user.max_user_namespaces > 0, "
                  "kernel.unprivileged_userns_clone = 1 where it exists, and on Ubuntu 24.04+ "
                  "kernel.apparmor_restrict_unprivileged_userns = 0 or an AppArmor profile for bwrap); or pass "
