@@ -51,6 +51,11 @@ class LoopbackServer:
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind(("127.0.0.1", 0))
         self.udp.settimeout(0.2)
+        self.unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.abstract = f"\0reweighting-test-{uuid.uuid4().hex}"
+        self.unix.bind(self.abstract)
+        self.unix.listen()
+        self.unix.settimeout(0.2)
         self.port, self.udp_port = self.tcp.getsockname()[1], self.udp.getsockname()[1]
         self.received: list = []
         self._stop = threading.Event()
@@ -59,11 +64,11 @@ class LoopbackServer:
 
     def _serve(self):
         while not self._stop.is_set():
-            for sock in (self.tcp, self.udp):
+            for sock in (self.tcp, self.udp, self.unix):
                 try:
-                    if sock is self.tcp:
+                    if sock is not self.udp:
                         conn, addr = sock.accept()
-                        self.received.append(("tcp", addr))
+                        self.received.append(("stream", addr))
                         conn.close()
                     else:
                         self.received.append(("udp", sock.recvfrom(4096)))
@@ -73,8 +78,8 @@ class LoopbackServer:
     def close(self):
         self._stop.set()
         self._thread.join()
-        self.tcp.close()
-        self.udp.close()
+        for sock in (self.tcp, self.udp, self.unix):
+            sock.close()
 
 
 def _sandbox_uid_processes() -> list[int]:
@@ -93,6 +98,7 @@ def _hostile_programs(env: dict) -> dict[str, tuple[str, str]]:
     """name -> (completion of ``add``, why it must score 0)."""
     host_tmp, owned, keep, secret_file = (repr(str(env[k])) for k in ("host_tmp", "owned", "keep", "secret_file"))
     port, udp_port, sentinel = env["port"], env["udp_port"], env["sentinel"]
+    env.setdefault("abstract", "\0x")
     return {
         # ---- early exits: the tests never ran, so nothing was passed
         "os._exit(0) before the tests": (WRONG + "import os\nos._exit(0)\n", "exit code 0 is not a verdict"),
@@ -204,6 +210,10 @@ def _hostile_programs(env: dict) -> dict[str, tuple[str, str]]:
             f"        socket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'pwned')\n"
             "    except OSError:\n        return a - b\n    return a + b\n",
             "no network namespace is shared: scores 1 only if it connects"),
+        "connect to an abstract unix socket": (
+            "    import socket\n    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n    try:\n"
+            f"        s.connect({env['abstract']!r})\n    except OSError:\n        return a - b\n    return a + b\n",
+            "abstract unix sockets belong to the network namespace: scores 1 only if it connects"),
         "send UDP to a loopback server": (
             "    import socket\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    try:\n"
             f"        s.sendto(b'pwned', ('127.0.0.1', {udp_port}))\n"
@@ -258,6 +268,13 @@ def _hostile_programs(env: dict) -> dict[str, tuple[str, str]]:
             f"    print(text)\n    return a + b if {env['root_secret']!r} in text else a - b\n",
             "the host's files are not mounted: scores 1 only if it reads the 0600 file"),
         # ---- exhausting resources
+        "raise its own limits": (
+            "    return a + b if BIG else a - b\nimport resource\n"
+            "for which in (resource.RLIMIT_AS, resource.RLIMIT_NPROC, resource.RLIMIT_CPU, resource.RLIMIT_FSIZE):\n"
+            "    try:\n        resource.setrlimit(which, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n"
+            "    except (ValueError, OSError):\n        pass\n"
+            "try:\n    BIG = len(bytearray(400 * 2**20)) > 0\nexcept MemoryError:\n    BIG = False\n",
+            "hard limits cannot be raised without privileges: scores 1 only if 400 MB fit under 256 MB"),
         "fork bomb": (
             WRONG + "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
             "RLIMIT_NPROC in its own user namespace, then the wall clock"),
@@ -303,7 +320,7 @@ def _hostile_run(tmp_path_factory):
     env["secret_file"].chmod(0o600)
     os.environ["REWEIGHTING_TEST_SECRET"] = env["secret"]
     server = LoopbackServer()
-    env["port"], env["udp_port"] = server.port, server.udp_port
+    env["port"], env["udp_port"], env["abstract"] = server.port, server.udp_port, server.abstract
     # A process of the sandbox's own uid outside any sandbox: kill(-1) from inside must not reach it.
     identity = ["setpriv", f"--reuid={sandbox.UID_BASE}", f"--regid={sandbox.UID_BASE}", "--clear-groups"] \
         if os.geteuid() == 0 and shutil.which("setpriv") else []
