@@ -73,11 +73,16 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     assert_same_run(json.loads(out.read_text()), single_process("linupper"))
 
 
-def test_trainer_under_torchrun_equals_one_process(tmp_path):
-    """2 ranks x 4 sequences x 2 micro-batches give the Trainer steps of 1 process x 8 x 2 (weights over all 16)."""
+@pytest.mark.parametrize("mode", [[], ["--padding-free"]], ids=["rows", "padding-free"])
+def test_trainer_under_torchrun_equals_one_process(tmp_path, mode):
+    """2 ranks x 4 sequences x 2 micro-batches give the Trainer steps of 1 process x 8 x 2 (weights over all 16).
+
+    Padding-free: each rank's micro-batch is one row of 4 documents, the single process's one row
+    of 8; the documents are weighted over both ranks all the same.
+    """
     script = ROOT / "examples" / "trainer_reweighting.py"
     common = ["--steps", "2", "--max-documents", "10", "--reweighter", "linupper", "--sampling", "sequential",
-              "--dropout", "0", "--accumulation-steps", "2"]
+              "--dropout", "0", "--accumulation-steps", "2", *mode]
     out = tmp_path / "log.json"
     torchrun(script, [*common, "--batch-size", "4", "--out", str(out)])
     single = load_example(script).main([*common, "--batch-size", "8"])
@@ -85,6 +90,7 @@ def test_trainer_under_torchrun_equals_one_process(tmp_path):
     assert len(got) == len(want) == 2
     for g, w in zip(got, want):
         assert g["weights/n"] == w["weights/n"] == 16
+        assert g["weights/documents_per_step"] == w["weights/documents_per_step"] == 16
         for key in ("loss", "grad_norm", "weights/ess", "weights/max_min_ratio"):
             assert g[key] == pytest.approx(w[key], rel=1e-5), key
 
@@ -126,14 +132,3 @@ def test_chunked_loss_gives_the_plain_run():
     with pytest.raises(ValueError, match="PRESENCE"):
         example.train(example.parse_args(TINY + ["--reweighter", "presence", "--chunked-loss"]))
 
-
-def test_trainer_example_padding_free_weights_documents():
-    """--padding-free: each micro-batch is one flattened row, and the weights are over its documents."""
-    script = ROOT / "examples" / "trainer_reweighting.py"
-    log = load_example(script).main(["--padding-free", "--steps", "2", "--max-documents", "5", "--batch-size", "4",
-                                     "--accumulation-steps", "2", "--dropout", "0"])
-    logged = [h for h in log if "loss" in h]
-    assert len(logged) == 2
-    for h in logged:
-        assert h["weights/documents_per_step"] == 8 and h["weights/n"] == 8  # not 2 rows
-        assert 0 < h["weights/ess_fraction"] < 1
