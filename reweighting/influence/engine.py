@@ -55,15 +55,25 @@ from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
 from .. import distributed as D
-from ..checks import check_batch, check_finite, check_same_length
+from ..checks import check_batch, check_finite, check_same_length, checks_enabled
 from .factors import Factor, OuterFactor, sq_norms, tied_sq_norms
 from .layers import COVERED, RULES, call_rule_for, covered_names, mixes_samples, refusal, rule_for
+from .layers.embedding import embedding as _embedding_rule
+from .layers.hf_conv1d import hf_conv1d as _hf_conv1d_rule
+from .layers.layernorm import layer_norm as _layer_norm_rule
 from .layers.linear import linear as _linear_rule
+from .layers.rmsnorm_like import rms_norm_like as _rms_norm_like_rule
 from .reference import batched_autograd_grads
 
 __all__ = ["SelfInfluence", "microbatch_sizes"]
 
 UNSUPPORTED = ("raise", "reference")
+# Rules whose per-sample gradient is a sum over positions of per-position terms.
+_POSITIONWISE = {_linear_rule, _embedding_rule, _hf_conv1d_rule, _layer_norm_rule, _rms_norm_like_rule}
+if hasattr(nn, "RMSNorm"):
+    from .layers.layernorm import rms_norm as _rms_norm_rule
+
+    _POSITIONWISE.add(_rms_norm_rule)
 REENTRANT = (
     "reentrant activation checkpointing (torch.utils.checkpoint.checkpoint(..., use_reentrant=True)) runs the "
     "checkpointed layers without a graph, so their per-sample gradients cannot be formed: use use_reentrant=False "
@@ -131,9 +141,57 @@ class _Pass:
     total: torch.Tensor
     room: int
     norm_params: set
+    documents: torch.Tensor | None = None  # [rows, positions] document ids of packed rows
+    target: torch.Tensor | None = None  # each position's flat index in [documents, positions]
     remaining: dict = field(default_factory=dict)  # parameter -> uses whose gradient has not arrived
     factors: dict = field(default_factory=dict)
     kept: dict = field(default_factory=dict)
+
+
+def _positionwise(c: _Call) -> bool:
+    """Rules whose per-sample gradient is a sum of per-position terms (so positions can be regrouped)."""
+    if isinstance(c.module, types.SimpleNamespace):
+        return True
+    return rule_for(c.module) in _POSITIONWISE
+
+
+def document_index(documents: torch.Tensor, n: int) -> torch.Tensor:
+    """``[rows * positions]``: where each position of a packed batch goes in ``[n + 1, positions]``.
+
+    Document ``d``'s tokens keep their positions, in row ``d`` (a document lies in one row, so its
+    positions are distinct); padding (id -1) goes to the spare row ``n``. Static shapes only.
+    """
+    r, t = documents.shape
+    pos = torch.arange(t, device=documents.device).expand(r, t)
+    return torch.where(documents >= 0, documents * t + pos, n * t + pos).reshape(-1)
+
+
+def check_documents(documents: torch.Tensor, n: int) -> None:
+    """Document ids ``[rows, positions]``: integers in ``[-1, n)``, each document one contiguous run in one row."""
+    if not isinstance(documents, torch.Tensor) or documents.dim() != 2 or documents.is_floating_point():
+        raise ValueError("documents must be an integer tensor [rows, positions] of document ids (-1: padding), "
+                         f"got {getattr(documents, 'dtype', type(documents).__name__)} of shape "
+                         f"{tuple(getattr(documents, 'shape', ()))}")
+    if not checks_enabled():
+        return
+    if bool((documents < -1).any()) or bool((documents >= n).any()):
+        raise ValueError(f"documents ids must be in [-1, {n}) for {n} per-document losses, got values from "
+                         f"{int(documents.min())} to {int(documents.max())}")
+    prev = torch.cat([torch.full_like(documents[:, :1], -2), documents[:, :-1]], 1)
+    starts = documents[(documents != prev) & (documents >= 0)]
+    runs = torch.bincount(starts, minlength=n)
+    if bool((runs != 1).any()):
+        bad = torch.nonzero(runs != 1).reshape(-1)[:5].tolist()
+        raise ValueError(f"documents {bad} are empty, split into several runs, or span rows: each document must be "
+                         "one contiguous run of positions in one row")
+
+
+def _by_document(t: torch.Tensor, state: _Pass) -> torch.Tensor:
+    """``[rows, positions, ...]`` to ``[documents, positions, ...]`` (zeros after a document's end)."""
+    n, positions = state.b, state.documents.shape[1]
+    out = t.new_zeros((n + 1) * positions, *t.shape[2:])
+    out.index_copy_(0, state.target, t.reshape(-1, *t.shape[2:]))
+    return out.reshape(n + 1, positions, *t.shape[2:])[:n]
 
 
 def _tracked_below(tracked: set, root) -> dict:
@@ -522,13 +580,22 @@ class SelfInfluence:
     # -- norms ------------------------------------------------------------------------------------
 
     def norms(
-        self, losses: torch.Tensor, *, microbatches: int | None = None, retain_graph: bool | None = None
+        self, losses: torch.Tensor, *, microbatches: int | None = None, retain_graph: bool | None = None,
+        documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[B]`` float32: ``||grad_K l_i||^2`` for each sample (or ``[n]`` for ``microbatches=n``).
 
         With ``microbatches=n`` the batch is cut into ``n`` contiguous chunks (as
         ``torch.tensor_split``) and each chunk is one unit: its value is the squared norm of the
         gradient of its summed loss, ``||sum_{i in chunk} grad_K l_i||^2``.
+
+        Packed rows: with ``documents`` (``[rows, positions]`` ids ``0 .. N-1`` of the documents
+        each position belongs to, -1 for padding; each document one contiguous run in one row)
+        ``losses`` are per-document ``[N]`` and each document is a unit: the norm of the sum of its
+        positions' per-position gradient terms. That is the gradient of the document's own loss
+        when documents do not see each other (block-diagonal attention, as packing requires).
+        Supported for position-wise rules (Linear, Embedding, LayerNorm/RMSNorm, Conv1D, F.linear);
+        convolutions and attention modules raise.
 
         Runs the backward of ``sum_i l_i`` through the graph of the captured forward; ``.grad``
         is not touched. The graph is kept when ``retain_graph`` is True, or by default when
@@ -541,6 +608,12 @@ class SelfInfluence:
         if not self._calls and self._norm_params:
             raise RuntimeError("no forward pass was captured: run the model inside `with si.capture():`")
         b = losses.shape[0]
+        if documents is not None:
+            if microbatches is not None:
+                raise ValueError("documents and microbatches cannot be combined: the units are either "
+                                 "documents or micro-batches")
+            check_documents(documents, b)
+            documents = documents.to(losses.device)
         sizes = microbatch_sizes(b, microbatches) if microbatches is not None else None
         keep = bool(self._second) if retain_graph is None else retain_graph
         total = losses.new_zeros(len(sizes) if sizes else b, dtype=torch.float32)
@@ -560,7 +633,8 @@ class SelfInfluence:
                     "its per-sample gradient needs that input as it was: make the later operation out of place"
                 )
         calls, self._calls = self._calls, []
-        state = _Pass(b=b, sizes=sizes, total=total, room=self.max_kept_bytes, norm_params=set(self._norm_params))
+        state = _Pass(b=b, sizes=sizes, total=total, room=self.max_kept_bytes, norm_params=set(self._norm_params),
+                      documents=documents, target=document_index(documents, b) if documents is not None else None)
         for c in calls:
             for q in c.params.values():
                 state.remaining[q] = state.remaining.get(q, 0) + 1
@@ -599,7 +673,14 @@ class SelfInfluence:
         self._graph_kept = keep
         return total.detach()
 
-    def _apply_rule(self, c: _Call, gs: list, b: int) -> dict[str, Factor]:
+    def _apply_rule(self, c: _Call, gs: list, state: _Pass) -> dict[str, Factor]:
+        b = state.b
+        if state.documents is not None and (c.call_rule or not _positionwise(c)):
+            raise ValueError(
+                f"module {c.name!r} ({type(c.module).__name__}) mixes positions (convolution, attention), so its "
+                "per-document gradients cannot be split out of a packed row: leave it out (modules=[...], "
+                "bookkeeping=False) or score one document per row"
+            )
         if c.call_rule:
             gs = [g.detach() if g is not None else None for g in gs]
             if gs[0] is None:
@@ -607,15 +688,24 @@ class SelfInfluence:
                 gs[0] = torch.zeros(shape, dtype=dtype, device=device)
             produced = call_rule_for(c.module)(c.module, c.inputs, c.kwargs, tuple(gs))
         else:
-            g = gs[0]
-            if c.activation.shape[0] != b or g.shape[0] != b:
+            g, x = gs[0].detach(), c.activation
+            if state.documents is not None:
+                rows = tuple(state.documents.shape)
+                if tuple(x.shape[:2]) != rows or tuple(g.shape[:2]) != rows:
+                    raise ValueError(
+                        f"module {c.name!r} saw inputs of shape {tuple(x.shape)} but documents has shape {rows}: "
+                        "every tracked layer must see [rows, positions, ...] with the documents' positions"
+                    )
+                x, g = _by_document(x, state), _by_document(g, state)
+            elif x.shape[0] != b or g.shape[0] != b:
                 raise ValueError(
-                    f"module {c.name!r} saw a batch of {c.activation.shape[0]} but losses has {b} samples: "
+                    f"module {c.name!r} saw a batch of {x.shape[0]} but losses has {b} samples: "
                     "the batch dimension must come first in every layer's input; a layer called without a "
-                    "batch dimension and broadcast over it (a position embedding) goes in broadcast=[...]"
+                    "batch dimension and broadcast over it (a position embedding) goes in broadcast=[...]; "
+                    "for several documents per row (packed rows) pass documents=[rows, positions] ids"
                 )
             rule = _linear_rule if isinstance(c.module, types.SimpleNamespace) else rule_for(c.module)
-            produced = rule(c.module, c.activation.float(), g.detach().float())
+            produced = rule(c.module, x if not x.is_floating_point() else x.float(), g.float())
         for f in produced.values():
             if f.units != b:
                 raise ValueError(f"module {c.name!r} saw a batch of {f.units} but losses has {b} samples")
@@ -631,7 +721,7 @@ class SelfInfluence:
         c.consumed = True
         produced: dict[str, Factor] = {}
         if any(g is not None for g in gs):
-            produced = self._apply_rule(c, gs, state.b)
+            produced = self._apply_rule(c, gs, state)
         c.activation, c.inputs = None, ()  # the factors hold what the update needs; the rest may go
         for pname, q in c.params.items():
             f = produced.get(pname)

@@ -42,8 +42,8 @@ def test_smollm2_norms_of_a_few_layers_match_the_reference():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ids, mask = padded_batch(tokenizer)
     layers = model.model.layers
-    chosen = [model.model.embed_tokens, model.model.norm, *(m for m in layers[0].modules() if list(m.parameters(False))),
-              layers[-1].mlp.down_proj, layers[-1].input_layernorm]
+    first = [m for m in layers[0].modules() if list(m.parameters(False))]
+    chosen = [model.model.embed_tokens, model.model.norm, *first, layers[-1].mlp.down_proj, layers[-1].input_layernorm]
     si = SelfInfluence(model, modules=chosen, bookkeeping=False, max_kept_bytes=0)
     with si.capture():
         losses = lm_loss(model, ids, mask)
