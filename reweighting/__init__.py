@@ -4,6 +4,7 @@ The weight core is re-exported here flat; each method lives in its own module or
 """
 
 from .checks import checks, checks_enabled, set_checks
+from .packing import document_index, document_losses, pack_documents
 from .reduce import accumulate_weighted, restore_rng_state, score_window, sequence_loss, weighted_loss
 from .resample import dirichlet_weights, multinomial_resample, resample_counts, systematic_resample
 from .weights import (
@@ -51,9 +52,12 @@ __all__ = [
     "checks",
     "checks_enabled",
     "dirichlet_weights",
+    "document_index",
+    "document_losses",
     "minmax_normalize",
     "multinomial_resample",
     "normalize",
+    "pack_documents",
     "quantile_normalize",
     "rank_normalize",
     "resample_counts",
