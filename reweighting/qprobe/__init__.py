@@ -8,7 +8,7 @@ during ``generate`` (:mod:`.features`) or from an API (:mod:`.api`); rewards fro
 (:mod:`.rewards`) or sandboxed code execution (:mod:`.sandbox`).
 """
 
-from .api import OpenAICompatible, sample_and_embed
+from .api import POOLINGS, APIError, OpenAICompatible, RedirectError, sample_and_embed
 from .evaluate import evaluate_probe, expected_return, mean_reward, pass_at_k
 from .features import Samples, sample_with_features
 from .fit import chunk_groups, fit_probe
@@ -28,7 +28,10 @@ from .sandbox import (
 from .select import select, selection_weights
 
 __all__ = [
+    "APIError",
     "OBJECTIVES",
+    "POOLINGS",
+    "RedirectError",
     "ExecutionResult",
     "OpenAICompatible",
     "QProbe",
