@@ -115,6 +115,7 @@ class PresenceReweighter:
         *,
         advance: bool = True,
         scale: float | torch.Tensor = 1.0,
+        documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Score the captured batch, add ``scale * sum_i w_i grad l_i`` to ``.grad``; returns ``w`` ``[B]``.
 
@@ -123,8 +124,13 @@ class PresenceReweighter:
         times an fp16 loss scale); the returned weights and :attr:`last_stats` are unscaled.
         ``advance=True`` then counts one optimizer step; pass ``False`` for all but the last
         micro-batch of an accumulation window (or for all, and call :meth:`advance` yourself).
+        Packed rows: ``losses`` per document ``[N]`` and ``documents`` the ``[rows, positions]`` ids
+        (see :meth:`SelfInfluence.norms`); each document is then a unit with its own weight.
         """
-        si = influence.norms(losses, microbatches=self.microbatches)
+        if documents is not None and self.microbatches is not None:
+            raise ValueError("documents and microbatches cannot be combined: the units are either documents or "
+                             "micro-batches")
+        si = influence.norms(losses, microbatches=self.microbatches, documents=documents)
         unit_weights = self.weights(si)
         w = self.per_sample(unit_weights, losses.shape[0])
         influence.weighted_backward(w * scale)

@@ -87,3 +87,17 @@ def test_layers_that_mix_positions_are_refused_with_documents():
     losses = torch.stack([out[0].sum(), out[1, :, :2].sum(), out[1, :, 2:].sum()])
     with pytest.raises(ValueError, match="mixes positions"):
         si.norms(losses, documents=torch.tensor([[0, 0, 0, 0, 0], [1, 1, 2, 2, 2]]))
+
+
+def test_presence_weights_documents():
+    from reweighting.influence import PresenceReweighter, presence_weights
+
+    model = M.SeqModel()
+    tokens, documents = packed_batch()
+    si = SelfInfluence(model, broadcast=["pos"])
+    with si.capture():
+        losses = doc_losses(model, tokens, documents)
+    w = PresenceReweighter(switch_step=0).backward(si, losses, documents=documents[:, :-1])
+    grads = per_document_grads(model, tokens, documents)
+    want = presence_weights(sum(g.flatten(1).square().sum(1) for g in grads.values()), -1.0)
+    torch.testing.assert_close(w, want, rtol=1e-4, atol=1e-7)
