@@ -17,8 +17,8 @@ def corrupt_labels(labels: torch.Tensor, T: torch.Tensor, *, generator: torch.Ge
     """
     check_batch(labels, "labels")
     T = check_transition(T)
+    _check_labels(labels, T.shape[0])
     clean = labels.long()
-    _check_labels(clean, T.shape[0])
     columns = T.t()[clean.cpu()].double().clamp(min=0)
     return torch.multinomial(columns, 1, generator=generator).reshape(-1).to(labels.device)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_batch, check_same_length, describe_indices
+from ..checks import check_batch, check_count, check_same_length, describe_indices
 
 __all__ = [
     "COLUMN_SUM_TOLERANCE",
@@ -82,7 +82,7 @@ def check_transition(
 def symmetric_transition(num_classes: int, rate: float) -> torch.Tensor:
     """Symmetric noise: a label is kept with probability ``1 - rate`` and otherwise replaced by one
     of the other ``num_classes - 1`` classes uniformly: ``T = (1 - rate) I + rate / (C - 1) (1 - I)``."""
-    _check_rate(rate, num_classes)
+    num_classes = _check_rate(rate, num_classes)
     eye = torch.eye(num_classes)
     return (1 - rate) * eye + rate / (num_classes - 1) * (1 - eye)
 
@@ -93,7 +93,7 @@ def pair_transition(num_classes: int, rate: float, mapping: list[int] | torch.Te
     ``mapping`` defaults to the pair flip ``j -> (j + 1) mod C``. A class mapped to itself is never
     corrupted. ``T[mapping[j], j] += rate`` and ``T[j, j] = 1 - rate`` otherwise.
     """
-    _check_rate(rate, num_classes)
+    num_classes = _check_rate(rate, num_classes)
     target = torch.arange(1, num_classes + 1) % num_classes if mapping is None else torch.as_tensor(mapping).long()
     if target.shape != (num_classes,) or bool(((target < 0) | (target >= num_classes)).any()):
         raise ValueError(f"mapping must give one class in [0, {num_classes}) for each of the {num_classes} classes, "
@@ -103,15 +103,19 @@ def pair_transition(num_classes: int, rate: float, mapping: list[int] | torch.Te
     return T
 
 
-def _check_rate(rate: float, num_classes: int) -> None:
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+def _check_rate(rate: float, num_classes: int) -> int:
+    num_classes = check_count(num_classes, "num_classes", 2)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+        raise TypeError(f"rate must be a number in [0, 1), got {type(rate).__name__} {rate!r}")
     if not 0.0 <= float(rate) < 1.0:
         raise ValueError(f"rate must be in [0, 1), got {rate!r}")
+    return num_classes
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, name: str = "labels") -> None:
-    """Every label must be a class index in ``[0, num_classes)``; raises naming the samples that are not."""
+    """Every label must be an integer class index in ``[0, num_classes)``; raises naming the samples that are not."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be integer class indices, got dtype {labels.dtype}")
     out = (labels < 0) | (labels >= num_classes)
     if bool(out.any()):
         raise ValueError(f"{name} outside [0, {num_classes}) at sample indices {describe_indices(out)}")
@@ -169,8 +173,8 @@ def estimate_transition(
     """
     if method not in ESTIMATORS:
         raise ValueError(f"method must be one of {ESTIMATORS}, got {method!r}")
-    if not 0.0 <= float(quantile) <= 1.0:
-        raise ValueError(f"quantile must be in [0, 1], got {quantile!r}")
+    if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.0 <= float(quantile) <= 1.0:
+        raise ValueError(f"quantile must be a number in [0, 1], got {quantile!r}")
     p = _check_posteriors(probs, noisy_labels)
     T = _anchor_transition(p, noisy_labels, float(quantile))
     if method == "dualt":
