@@ -94,3 +94,38 @@ def test_health_check_on_a_broken_and_a_healthy_model():
     healthy = S.evaluate(_Bigram(data.clean), data.test, torch.device("cpu"))
     assert not S.baseline_health([broken], bar).healthy
     assert S.baseline_health([healthy], bar).healthy
+
+
+def test_packed_batches_hold_several_documents_per_row_with_flags():
+    cfg = S.SMOKE
+    data = S.load_data(cfg)
+    rows, ids, is_dup = next(iter(S.packed_batches(data, cfg, seed=0)))
+    assert rows.shape == ids.shape == (cfg.batch, cfg.seq_len + 1)
+    n_docs = ids.max(1).values + 1
+    assert bool((n_docs >= 2).all())  # several documents per row
+    for b in range(cfg.batch):
+        for d in range(int(n_docs[b])):
+            doc = rows[b][ids[b] == d]
+            assert doc.numel() >= 2
+            # a flagged document is the opening of a boilerplate window, exactly (cut only at the row's end)
+            if is_dup[b, d]:
+                assert any(torch.equal(doc, w[: doc.numel()]) for w in data.boilerplate)
+        assert not is_dup[b, int(n_docs[b]):].any()
+    again = next(iter(S.packed_batches(data, cfg, seed=0)))
+    assert torch.equal(again[0], rows) and torch.equal(again[1], ids)
+
+
+def test_packed_study_weights_documents(tmp_path):
+    from reweighting.studies import get_study
+
+    assert get_study("loss-reweighting-packed") is S.PACKED_STUDY
+    ctx = StudyContext(quick=True, seeds=[0], out_dir=tmp_path, device=torch.device("cpu"), show_progress=False)
+    outcome = S.run_packed(ctx, S.SMOKE)
+    assert set(outcome.methods) == set(S.PACKED_METHODS)
+    share = {m: v[0] for m, v in outcome.details["duplicate_weight_share"].items()}
+    # uniform puts about the duplicates' token share there; LinUpper on documents moves weight off the
+    # (quickly learned, low-loss) duplicate documents, more precisely than weighting whole rows can
+    assert share["linupper (documents)"] < share["uniform"]
+    assert outcome.details["documents_per_row"] >= 2
+    assert {p.name for p in outcome.parts} == {"linupper (documents) < uniform (packed, redundant)",
+                                               "quadratic (documents) < uniform (packed, redundant)"}
