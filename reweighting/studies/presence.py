@@ -212,7 +212,7 @@ def assumption_table(cfg: Config, seed: int, device: torch.device, ctx: StudyCon
     for corruption in ctx.progress(ASSUMPTION_CORRUPTIONS, desc="presence: AUROC table (corruptions)"):
         c_cfg = replace(cfg, corruption=corruption)
         data = load_data(c_cfg)
-        model = train(data, c_cfg, "uniform", seed, device)["model"]
+        model = train(data, c_cfg, "uniform", seed, device, ctx)["model"]
         n = min(cfg.scored_sequences, data.pool.shape[0])
         rows, bad = data.pool[:n].to(device), data.corrupted[:n]
         table[corruption] = {scope: auroc(self_influence_loop(model, rows, scope), bad)
@@ -238,8 +238,10 @@ def scope_modules(model, cfg: Config) -> list | None:
     raise ValueError(f"scope must be 'all' or 'first-block', got {cfg.scope!r}")
 
 
-def train(data: Data, cfg: Config, method: str, seed: int, device: torch.device) -> dict:
-    """Train one model; returns its held-out loss and the weight share of corrupted samples per stage."""
+def train(data: Data, cfg: Config, method: str, seed: int, device: torch.device,
+          ctx: StudyContext | None = None) -> dict:
+    """Train one model; returns its held-out loss and the weight share of corrupted samples per stage
+    (with ``ctx``, a progress bar over the steps)."""
     from ..influence import PresenceReweighter, SelfInfluence
     from ..weights import zscore
     from .lm import GPTConfig, TinyGPT
@@ -258,7 +260,8 @@ def train(data: Data, cfg: Config, method: str, seed: int, device: torch.device)
     share = {"first": [], "second": []}
     ess = {"first": [], "second": []}
     online_z, online_bad = [], []
-    for step in range(cfg.steps):
+    steps = range(cfg.steps) if ctx is None else ctx.progress(range(cfg.steps), desc=f"{method} (seed {seed})")
+    for step in steps:
         idx = torch.randint(data.pool.shape[0], (cfg.batch,), generator=g)
         rows, bad = data.pool[idx].to(device), data.corrupted[idx].to(device)
         optimizer.zero_grad(set_to_none=True)
@@ -338,7 +341,7 @@ def _compare_methods(ctx: StudyContext, cfg: Config, label: str) -> dict:
     aurocs, si_clean, si_bad = [], [], []
     scored = torch.arange(min(cfg.scored_sequences, data.pool.shape[0]))
     for seed, method in ctx.progress(jobs, desc=f"presence runs ({label})", total=len(jobs)):
-        results[(seed, method)] = r = train(data, cfg, method, seed, ctx.device)
+        results[(seed, method)] = r = train(data, cfg, method, seed, ctx.device, ctx)
         if method == "uniform":
             scores = score_dataset(r["model"], data.pool[scored], lambda m, rows: sequence_losses(m, rows),
                                    batch_size=64, modules=scope_modules(r["model"], cfg), broadcast=["pos"],
