@@ -214,4 +214,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: the subcommands raise the imported
+    # module's UsageError, which a __main__-level handler would not recognise.
+    from reweighting.cli import main as _main
+
+    sys.exit(_main())

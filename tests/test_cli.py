@@ -180,10 +180,13 @@ def test_every_option_has_help_and_shows_its_default():
     assert seen >= 40
 
 
-def test_exit_status_of_the_installed_entry_point(tmp_path):
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "x"}\n')
-    done = subprocess.run([sys.executable, "-m", "reweighting.cli", "qprobe", "sample", "--model", "m", "--prompts",
-                           str(prompts), "--out", str(tmp_path / "o"), "--k", "0"], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 2 and "Traceback" not in done.stderr and "--k" in done.stderr
+@pytest.mark.parametrize("module", ["reweighting.cli", "reweighting.qprobe.cli"])
+def test_exit_status_when_run_as_a_program(tmp_path, module):
+    # As a program (python -m), where the module is __main__: a user error raised by a subcommand
+    # is still reported in one line with status 2.
+    done = subprocess.run([sys.executable, "-m", module, "qprobe", "sample", "--model", "m", "--prompts",
+                           str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [f"reweighting: error: --prompts {tmp_path / 'missing.jsonl'}: "
+                                                "no such file"]

@@ -418,4 +418,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from reweighting.qprobe.cli import main as _main  # see reweighting/cli.py
+
+    sys.exit(_main())
