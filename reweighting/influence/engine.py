@@ -418,6 +418,8 @@ class SelfInfluence:
         self.clear()
         self._batch_size = batch_size
         self._running = []
+        # Tensors standing in for parameters are recorded afresh each capture (an id may be reused).
+        self._actual = {id(p): p for p in self._watched}
         handles = []
         for m in dict.fromkeys(self._tracked):
             handles.append(m.register_forward_pre_hook(self._pre_hook))
