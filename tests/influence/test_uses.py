@@ -158,3 +158,15 @@ def test_a_compiled_loss_function_around_the_model_raises_at_norms():
         losses = loss(model, torch.randn(4, 5), torch.randn(4, 3))
     with pytest.raises(RuntimeError, match=r"CompiledFunctionBackward: torch.compile'd code"):
         si.norms(losses)
+
+
+def test_a_subclass_that_overrides_forward_gets_no_inherited_rule():
+    class DoubleUse(nn.Linear):
+        def forward(self, x):  # uses the weight twice: the Linear rule would be wrong
+            return F.linear(F.linear(x, self.weight), self.weight, self.bias)
+
+    model = nn.Sequential(DoubleUse(3, 3), nn.Linear(3, 1))
+    with pytest.raises(ValueError, match=r"'0' \(DoubleUse\)"):
+        SelfInfluence(model)
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+    weighted_check(model, SelfInfluence(model, unsupported="reference"), M.regression_loss, (x, y))

@@ -80,11 +80,10 @@ def register_call(*types: type[nn.Module], covers: Iterable[str]) -> Callable[[C
 
 def _registered(module: nn.Module) -> Rule | None:
     for cls in type(module).__mro__:
-        if cls in RULES:
-            return RULES[cls]
-        named = NAMED_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
-        if named is not None:
-            return named
+        rule = RULES.get(cls) or NAMED_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if rule is not None:
+            # A subclass with its own forward may use the weights otherwise than the rule assumes.
+            return rule if type(module).forward is cls.forward else None
     return None
 
 
