@@ -134,10 +134,14 @@ def _load_model(name: str, device: str):
 
 
 def _output_folder(path: str, option: str = "--out") -> Path:
+    """Check that ``path`` can become the output folder (made only when the results are written, so
+    a command that fails leaves nothing behind)."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{option} {path} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)  # now, so that a bad path fails before any sampling
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: cannot create a folder under {existing}")
     return out
 
 
