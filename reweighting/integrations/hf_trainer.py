@@ -61,7 +61,11 @@ raise.
 
 The reweighter's step counter advances once per optimizer step and is set to the Trainer's
 ``global_step`` when training starts, so a run resumed from a checkpoint continues its schedule.
-``Trainer`` evaluation is left unweighted. Diagnostics (:class:`reweighting.WeightStats`,
+``Trainer`` evaluation is left unweighted. Errors about samples (a negative weight, a non-finite
+loss, inconsistent document boundaries) name their batch positions and the dataset rows the batch
+was collated from: training features carry their row under ``"_reweighting_row"`` (map-style
+datasets, except with ``group_by_length``), which is taken out before the model or the user's
+collator sees them. Diagnostics (:class:`reweighting.WeightStats`,
 averaged over the steps since the last log) are added to the Trainer's logs as ``weights/<name>``.
 """
 
@@ -99,6 +103,7 @@ __all__ = [
 
 WEIGHT_COLUMN = "sample_weight"
 DOCUMENT_COLUMN = "document_ids"
+ROW_KEY = "_reweighting_row"  # each training feature's dataset row, so errors can name it
 ACCUMULATIONS = ("global", "micro")
 
 
@@ -251,6 +256,16 @@ class SampleWeightCollator:
         self.required = required
 
     def __call__(self, features: list[Any]) -> dict[str, Any]:
+        rows = None
+        if features and isinstance(features[0], dict) and ROW_KEY in features[0]:
+            rows = torch.as_tensor([int(f[ROW_KEY]) for f in features], dtype=torch.long)
+            features = [{k: v for k, v in f.items() if k != ROW_KEY} for f in features]
+        batch = self._collate(features)
+        if rows is not None:
+            batch[ROW_KEY] = rows
+        return batch
+
+    def _collate(self, features: list[Any]) -> dict[str, Any]:
         if not features or not isinstance(features[0], dict) or self.column not in features[0]:
             if self.required and features and isinstance(features[0], dict):
                 raise ValueError(f"weight_column={self.column!r} is not in the training features; they have "
@@ -268,6 +283,42 @@ class SampleWeightCollator:
         batch = self.collator([{k: v for k, v in f.items() if k != self.column} for f in features])
         batch[self.column] = torch.as_tensor(values, dtype=torch.float32)
         return batch
+
+
+class _RowTagged(torch.utils.data.Dataset):
+    """A map-style dataset whose items also carry their index (``ROW_KEY``); everything else is forwarded."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[i], ROW_KEY: int(i)}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        fetch = getattr(self.dataset, "__getitems__", None)
+        items = fetch(indices) if fetch is not None else [self.dataset[i] for i in indices]
+        return [{**item, ROW_KEY: int(i)} for item, i in zip(items, indices)]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _with_rows(error: ValueError, rows: torch.Tensor | None) -> ValueError:
+    """``error`` with the dataset rows the batch was collated from appended (the error names batch positions).
+
+    One feature per sample, or per document with ``DataCollatorWithFlattening``: position ``i`` of
+    the batch is then dataset row ``rows[i]``.
+    """
+    if rows is None:
+        return error
+    listed = rows.reshape(-1).tolist()
+    shown = ", ".join(str(r) for r in listed[:32]) + (f", ... ({len(listed)} in all)" if len(listed) > 32 else "")
+    return ValueError(f"{error} [the batch was collated from dataset rows [{shown}], in this order]")
 
 
 def _advance(reweighter: Any) -> None:
@@ -450,6 +501,13 @@ class ReweightingMixin:
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
+    def _remove_unused_columns(self, dataset: Any, description: str | None = None) -> Any:
+        """As the Trainer, and for training each feature also carries its dataset row (for error messages)."""
+        dataset = super()._remove_unused_columns(dataset, description=description)
+        if description == "Training" and getattr(self.args, "train_sampling_strategy", None) != "group_by_length":
+            return _RowTagged(dataset)
+        return dataset
+
     # ------------------------------------------------------------------ losses and weights
     def per_sample_loss(self, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
         """``[B]`` per-sample losses with a graph; by default :func:`causal_lm_sequence_losses`.
@@ -492,9 +550,7 @@ class ReweightingMixin:
     def _forward_losses(
         self, model: torch.nn.Module, inputs: dict[str, Any], documents: Documents | None = None
     ) -> tuple[torch.Tensor, Any]:
-        inputs = dict(inputs)
-        inputs.pop(self.weight_column, None)
-        inputs.pop(self.document_column, None)
+        inputs = {k: v for k, v in inputs.items() if k not in (self.weight_column, self.document_column, ROW_KEY)}
         if "labels" not in inputs:
             raise ValueError("the batch has no 'labels': per-sample losses need them")
         labels = inputs.pop("labels")
@@ -580,19 +636,27 @@ class ReweightingMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``sum_i w_i l_i`` with the DDP factor (:func:`reweighting.weighted_loss`); unweighted in evaluation."""
         if not model.training:
-            inputs = {k: v for k, v in inputs.items() if k not in (self.weight_column, self.document_column)}
+            inputs = {k: v for k, v in inputs.items() if k not in (self.weight_column, self.document_column, ROW_KEY)}
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            self._weigh_window(pending)
+            try:
+                self._weigh_window(pending)
+            except ValueError as err:
+                rows = [b.get(ROW_KEY) for b in pending]
+                rows = torch.cat(rows) if all(r is not None for r in rows) else None
+                raise _with_rows(err, rows) from err
         window = self._window.popleft() if self._window else None
         if window is not None and window[1] is not None:
             restore_rng_state(window[1])
-        documents, include, _ = self._samples(inputs)
-        losses, outputs = self._forward_losses(model, inputs, documents)
-        w = window[0] if window is not None else self._weights(losses, inputs.get(self.weight_column), include)
-        loss = weighted_loss(losses, w)
+        try:
+            documents, include, _ = self._samples(inputs)
+            losses, outputs = self._forward_losses(model, inputs, documents)
+            w = window[0] if window is not None else self._weights(losses, inputs.get(self.weight_column), include)
+            loss = weighted_loss(losses, w)
+        except ValueError as err:
+            raise _with_rows(err, inputs.get(ROW_KEY)) from err
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ PRESENCE
@@ -606,7 +670,7 @@ class ReweightingMixin:
         # The engine sums the weighted gradient over ranks itself: run the unwrapped model so that
         # DDP does not wait for a backward of its own. PRESENCE's norms need every row's loss.
         with self.compute_loss_context_manager(), si.capture():
-            inputs_ = {k: v for k, v in inputs.items() if k not in (self.weight_column, self.document_column)}
+            inputs_ = {k: v for k, v in inputs.items() if k not in (self.weight_column, self.document_column, ROW_KEY)}
             labels = inputs_.pop("labels")
             outputs = self.model(**inputs_)
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]

@@ -261,3 +261,24 @@ def test_resumed_run_equals_uninterrupted_with_dropout(tmp_path, accumulation):
     # Dropout matters here: without it the check could not tell RNG states apart.
     assert not torch.allclose(params(straight.model), params(make_trainer(tmp_path / "c", max_steps=4,
                               accumulation_steps=2, batch=2, model=tiny_model()).model))
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_errors_name_the_dataset_rows(tmp_path, steps):
+    """A bad value in dataset row 5: the error names the batch position and the rows the batch came from."""
+    ds = toy_dataset()
+    weights = list(ds["sample_weight"])
+    weights[5] = -1.0
+    ds = ds.remove_columns("sample_weight").add_column("sample_weight", weights)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=steps,
+                             max_steps=2, learning_rate=0.1, optim="sgd", report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, train_sampling_strategy="sequential")
+    trainer = ReweightingTrainer(model=tiny_model(), args=args, train_dataset=ds, data_collator=default_data_collator,
+                                 accumulation="global", reweighter=rw.LossReweighter("linupper", temperature=0.4))
+    position, rows = (1, "4, 5, 6, 7") if steps == 1 else (5, "0, 1, 2, 3, 4, 5, 6, 7")
+    with pytest.raises(ValueError, match=rf"sample_weight has negative values at sample indices \[{position}\].*"
+                                         rf"collated from dataset rows \[{rows}\]"):
+        trainer.train()
+    # The row tag never reaches the model or the user's collator output beyond the adapter.
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["_reweighting_row"].tolist() == [0, 1, 2, 3]
