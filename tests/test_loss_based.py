@@ -430,10 +430,13 @@ def test_mask_excludes_samples_from_weights_loss_and_stats():
 def test_reweighter_weights_are_the_core_composition(normalize, strategy):
     # The reweighter writes min-max and the softmax out for speed: they must stay the core's
     # normalize -> strategy_scores -> tilt, with and without excluded samples.
-    losses = torch.tensor([0.3, 2.0, 1.1, 7.5, 0.9, 4.2, 3.3])
     keep = torch.tensor([True, True, False, True, True, False, True])
-    for mask in (None, keep):
-        want = rw.tilt(strategy_scores(rw.normalize(losses, normalize, 0.7, mask=mask), strategy, 0.7), 0.3,
-                       mask=mask)
-        got = rw.LossReweighter(strategy, temperature=0.3, delta=0.7, normalize=normalize).weights(losses, mask=mask)
-        torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-6)
+    # losses may be negative (e.g. a log-density): an excluded sample must not set either end
+    for losses in (torch.tensor([0.3, 2.0, 1.1, 7.5, 0.9, 4.2, 3.3]),
+                   torch.tensor([-3.0, -1.0, 9.0, -2.5, -1.7, -9.0, -2.2])):
+        for mask in (None, keep):
+            want = rw.tilt(strategy_scores(rw.normalize(losses, normalize, 0.7, mask=mask), strategy, 0.7), 0.3,
+                           mask=mask)
+            got = rw.LossReweighter(strategy, temperature=0.3, delta=0.7, normalize=normalize).weights(
+                losses, mask=mask)
+            torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-6)

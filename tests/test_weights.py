@@ -202,3 +202,13 @@ def test_weight_stats_rejects_negative_and_nonfinite_weights(bad, word):
     # a masked-out entry is not looked at
     stats = rw.weight_stats(torch.tensor([0.5, 0.5, bad]), mask=torch.tensor([True, True, False]))
     assert float(stats.n) == 2 and float(stats.entropy) == pytest.approx(math.log(2))
+
+
+def test_weight_stats_of_unnormalised_weights():
+    # ess = (sum w)^2 / sum w^2 and the entropy of w / sum w do not assume sum w = 1
+    w = torch.tensor([2.0, 2.0, 4.0])
+    stats = rw.weight_stats(w)
+    p = w / w.sum()
+    assert float(stats.ess) == pytest.approx(64 / 24)
+    assert float(stats.entropy) == pytest.approx(float(-(p * p.log()).sum()))
+    assert float(stats.max_min_ratio) == pytest.approx(2.0)
