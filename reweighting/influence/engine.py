@@ -272,6 +272,10 @@ class SelfInfluence:
     - ``max_kept_bytes``: per-sample gradients that were materialised for the norms are kept, up
       to this many bytes, and reused by :meth:`weighted_backward` (a weighted sum instead of a
       product over positions); 0 keeps none.
+    - ``functional``: capture ``F.linear`` calls on tracked weights outside their modules (a
+      ``TorchFunctionMode`` over the forward, which costs some Python time per operation).
+      ``None`` (default) watches the first capture and keeps watching only if such a use was
+      seen; ``True`` always; ``False`` never. A use nothing captured always raises in :meth:`norms`.
 
     Layers that mix samples (BatchNorm in training mode) are refused when capturing; so are
     compiled models (see the module docstring).
@@ -286,6 +290,7 @@ class SelfInfluence:
         broadcast: Iterable[nn.Module | str] = (),
         unsupported: str = "raise",
         max_kept_bytes: int = 2**30,
+        functional: bool | None = None,
         group=None,
     ):
         if unsupported not in UNSUPPORTED:
@@ -363,6 +368,9 @@ class SelfInfluence:
         self._graph_kept = False
         self._batch_size: int | None = None
         self._state: _Pass | None = None
+        self.functional = functional
+        self._functional_seen: bool | None = None  # None: not yet watched
+        self._watching = False
 
     @staticmethod
     def _resolve(model: nn.Module, modules, names: dict[nn.Module, str], allow_empty: bool = False) -> list[nn.Module]:
@@ -424,10 +432,15 @@ class SelfInfluence:
         for m in dict.fromkeys(self._tracked):
             handles.append(m.register_forward_pre_hook(self._pre_hook))
             handles.append(m.register_forward_hook(self._hook, with_kwargs=True, always_call=True))
-        mode = _FunctionalUses(self)
+        watch = self.functional is True or (self.functional is None and self._functional_seen is not False)
+        self._watching = watch
         try:
-            with mode:
+            with _FunctionalUses(self) if watch else contextlib.nullcontext():
                 yield self
+            if self.functional is None and watch:
+                # Keep watching only where a functional use was seen (the check in norms() still
+                # raises on a use that a later step makes and nothing captured).
+                self._functional_seen = any(isinstance(c.module, types.SimpleNamespace) for c in self._calls)
         finally:
             for h in handles:
                 h.remove()
@@ -571,6 +584,8 @@ class SelfInfluence:
         if edges:
             p, op = next(iter(edges.values()))
             others = sorted({self._name_of(q) for q, _ in edges.values()} - {self._name_of(p)})
+            if not self._watching and self.functional is None:
+                op += "; F.linear calls are watched only while earlier steps made one: pass functional=True"
             raise RuntimeError(
                 f"parameter {self._name_of(p)!r} is used by an operation ({op}) outside the calls the engine "
                 "captured (its module's forward, F.linear, nn.MultiheadAttention), so its per-sample gradient "

@@ -170,3 +170,26 @@ def test_a_subclass_that_overrides_forward_gets_no_inherited_rule():
         SelfInfluence(model)
     x, y = torch.randn(4, 3), torch.randn(4, 1)
     weighted_check(model, SelfInfluence(model, unsupported="reference"), M.regression_loss, (x, y))
+
+
+def test_functional_uses_are_watched_while_seen_and_a_later_one_raises():
+    class Sometimes(FunctionalHead):
+        functional_head = False
+
+        def forward(self, tokens):
+            x = self.emb(tokens) + self.pos(torch.arange(tokens.shape[1]))
+            h = self.rms(x + torch.tanh(self.fc(self.ln(x))))
+            return F.linear(h, self.emb.weight) if self.functional_head else self.fc(h)
+
+    model = Sometimes(vocab=6, d=6)  # fc maps to 6 logits too
+    tokens, mask = M.seq_batch(vocab=6)
+    si = SelfInfluence(model, broadcast=["pos"])
+    with si.capture():
+        losses = M.seq_loss(model, tokens, mask)
+    si.norms(losses)
+    model.functional_head = True  # the first capture saw no functional use: no longer watched
+    with si.capture():
+        losses = M.seq_loss(model, tokens, mask)
+    with pytest.raises(RuntimeError, match="pass functional=True"):
+        si.norms(losses)
+    weighted_check(model, SelfInfluence(model, broadcast=["pos"], functional=True), M.seq_loss, (tokens, mask))
