@@ -123,6 +123,10 @@ def _load_model(name: str, device: str):
         return load_smollm2(device=device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not Path(name).expanduser().exists():
+        # Not a local folder: Hugging Face looks it up in its cache, then on the Hub (which can take
+        # a while to fail without a network), so say what is happening.
+        print(f"--model {name} is not a local folder: loading it as a Hugging Face Hub model", file=sys.stderr)
     try:
         model = AutoModelForCausalLM.from_pretrained(name)
         tokenizer = AutoTokenizer.from_pretrained(name)
