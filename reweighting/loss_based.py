@@ -338,7 +338,7 @@ class LossReweighter:
             rows, counts, self._capacity = D.gather_rows(torch.stack([values, excluded], dim=1), self._capacity,
                                                          self.group)
             offset = sum(counts[: D.rank(self.group)])
-            everything, taking_part = rows[:, 0], (rows[:, 1] == 0 if mask is not None else None)
+            everything, taking_part = rows[:, 0].contiguous(), (rows[:, 1] == 0 if mask is not None else None)
         else:
             counts, offset, everything, taking_part = [n_local], 0, values, mask
         finite = torch.isfinite(everything)
