@@ -9,13 +9,15 @@ binary cross-entropy whatever their sizes, so that at the optimum
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .schedules import NoiseSchedule
+from ..checks import check_count, check_positive_number
+from .schedules import NoiseSchedule, check_samples
 
 __all__ = ["TimeDependentDiscriminator", "DiscriminatorFit", "balanced_bce", "train_discriminator"]
 
@@ -130,23 +132,37 @@ def train_discriminator(
     the log-ratio is small and smooth and the per-sample signal weak, so the parameters' jitter
     would otherwise swamp the input gradient ``grad_x log w_t`` that TIW-DSM's correction uses.
     """
+    if not isinstance(discriminator, nn.Module):
+        raise TypeError(f"discriminator must be a torch.nn.Module, got {type(discriminator).__name__}")
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule (VPLinear, VPCosine, VE, EDM), got "
+                        f"{type(schedule).__name__}")
+    param = next(discriminator.parameters(), None)
+    if param is None:
+        raise ValueError("discriminator has no parameters to train")
+    for name, x in (("reference", reference), ("biased", biased)):
+        # Any floating dtype is accepted and converted to the discriminator's (data are often
+        # float64 from numpy or bfloat16); the values must be finite.
+        check_samples(x, name)
     if reference.shape[1:] != biased.shape[1:]:
         raise ValueError(
             f"reference samples have shape {tuple(reference.shape[1:])} but biased ones {tuple(biased.shape[1:])}"
         )
-    if steps < 1 or batch_size < 2 or eval_every < 1 or patience < 1 or holdout_repeats < 1:
-        raise ValueError(
-            f"need steps >= 1, batch_size >= 2, eval_every >= 1, patience >= 1, holdout_repeats >= 1; got "
-            f"{steps}, {batch_size}, {eval_every}, {patience}, {holdout_repeats}"
-        )
+    steps = check_count(steps, "steps", 1)
+    batch_size = check_count(batch_size, "batch_size", 2)
+    eval_every = check_count(eval_every, "eval_every", 1)
+    patience = check_count(patience, "patience", 1)
+    holdout_repeats = check_count(holdout_repeats, "holdout_repeats", 1)
+    min_steps = check_count(min_steps, "min_steps", 0)
+    check_positive_number(lr, "lr")
     if not (0.0 < holdout_fraction < 1.0):
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}")
     if ema is not None and not (0.0 <= ema < 1.0):
         raise ValueError(f"ema must be in [0, 1) or None, got {ema!r}")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     device = next(discriminator.parameters()).device
-    ref_train, ref_out = _split(reference.float(), holdout_fraction, gen, "reference")
-    bias_train, bias_out = _split(biased.float(), holdout_fraction, gen, "biased")
+    ref_train, ref_out = _split(reference.detach().to(param.dtype), holdout_fraction, gen, "reference")
+    bias_train, bias_out = _split(biased.detach().to(param.dtype), holdout_fraction, gen, "biased")
     ref_train, bias_train = ref_train.to(device), bias_train.to(device)
     ref_out_t, ref_out_time = _noised(schedule, _repeat(ref_out, holdout_repeats).to(device), gen)
     bias_out_t, bias_out_time = _noised(schedule, _repeat(bias_out, holdout_repeats).to(device), gen)
@@ -156,14 +172,18 @@ def train_discriminator(
 
     def holdout_loss() -> float:
         averaged.eval()
-        loss = balanced_bce(_logits(averaged, ref_out_t, ref_out_time),
-                            _logits(averaged, bias_out_t, bias_out_time))
+        loss = float(balanced_bce(_logits(averaged, ref_out_t, ref_out_time).float(),
+                                  _logits(averaged, bias_out_t, bias_out_time).float()))
         discriminator.train()
-        return float(loss)
+        if not math.isfinite(loss):
+            raise ValueError(f"the discriminator's held-out loss is {loss} at step {step}: its logits are not finite "
+                             "(the data are finite, so the network diverged; lower lr)")
+        return loss
 
     optimizer = torch.optim.Adam(discriminator.parameters(), lr=lr, weight_decay=weight_decay)
     schedule_lr = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.0) if lr_decay else None
     half = batch_size // 2
+    step = 0
     best = holdout_loss()
     best_step, best_state = 0, copy.deepcopy(averaged.state_dict())
     history: list[tuple[int, float, float]] = [(0, float("nan"), best)]

@@ -42,7 +42,7 @@ from .. import distributed as D
 from ..checks import check_finite, checks_enabled
 from ..reduce import weighted_loss
 from .ratio import TimeDependentRatio
-from .schedules import NoiseSchedule, expand_like
+from .schedules import NoiseSchedule, check_samples, expand_like
 
 __all__ = ["PREDICTIONS", "denoising_target", "correction_scale", "dsm_loss", "iw_dsm_loss", "tiw_dsm_loss"]
 
@@ -99,17 +99,34 @@ def denoising_target(
     return target
 
 
-def _check_inputs(x0: torch.Tensor, t: torch.Tensor | None, noise: torch.Tensor | None) -> None:
-    if not isinstance(x0, torch.Tensor):
-        raise TypeError(f"x0 must be a torch.Tensor, got {type(x0).__name__}")
-    if x0.dim() < 2:
-        raise ValueError(f"x0 must be [batch, features...], got shape {tuple(x0.shape)}")
+def _check_inputs(x0: torch.Tensor, t: torch.Tensor | None, noise: torch.Tensor | None, model: Model,
+                  schedule: NoiseSchedule, ratio: TimeDependentRatio | None) -> None:
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule (VPLinear, VPCosine, VE, EDM), got "
+                        f"{type(schedule).__name__}")
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x_t, t), got {type(model).__name__}")
+    if ratio is not None and not isinstance(ratio, TimeDependentRatio):
+        raise TypeError(f"ratio must be a TimeDependentRatio, got {type(ratio).__name__}")
+    check_samples(x0, "x0", model, "model")
+    if ratio is not None:
+        check_samples(x0[:0], "x0", ratio.discriminator, "discriminator")
     if x0.shape[0] == 0 and not D.is_distributed():
         raise ValueError("x0 is empty: a batch needs at least one sample")
-    if t is not None and t.shape != (x0.shape[0],):
-        raise ValueError(f"t must have shape [{x0.shape[0]}] (one time per sample), got {tuple(t.shape)}")
-    if noise is not None and noise.shape != x0.shape:
-        raise ValueError(f"noise must be shaped like x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+    if t is not None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"t must be a torch.Tensor [batch] of times, got {type(t).__name__}")
+        if t.shape != (x0.shape[0],):
+            raise ValueError(f"t must have shape [{x0.shape[0]}] (one time per sample), got {tuple(t.shape)}")
+        schedule.check_time(t)
+    if noise is not None:
+        if not isinstance(noise, torch.Tensor) or noise.shape != x0.shape:
+            raise ValueError(f"noise must be shaped like x0 {tuple(x0.shape)}, got "
+                             f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
+        if noise.dtype != x0.dtype:
+            raise TypeError(f"noise is {noise.dtype} but x0 is {x0.dtype}")
+        if checks_enabled():
+            check_finite(noise.detach().reshape(noise.shape[0], -1).sum(1), "noise")
 
 
 def _denoising_loss(
@@ -130,7 +147,9 @@ def _denoising_loss(
     group,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_prediction(prediction)
-    _check_inputs(x0, t, noise)
+    _check_inputs(x0, t, noise, model, schedule, ratio)
+    if loss_weight is not None and not callable(loss_weight):
+        raise TypeError(f"loss_weight must be a function of t or None, got {type(loss_weight).__name__}")
     batch = x0.shape[0]
     if t is None:
         t = schedule.sample_time(batch, generator=generator, device=x0.device)

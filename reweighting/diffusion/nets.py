@@ -47,6 +47,7 @@ class TimeMLP(nn.Module):
         out_dim = dim if out_dim is None else out_dim
         if squeeze and out_dim != 1:
             raise ValueError(f"squeeze needs out_dim == 1, got out_dim={out_dim}")
+        self.dim = int(dim)
         self.n_frequencies = n_frequencies
         self.time_transform = time_transform
         self.squeeze = squeeze
@@ -61,6 +62,11 @@ class TimeMLP(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         tt = self.time_transform(t) if self.time_transform is not None else t
         flat = x.reshape(x.shape[0], -1)
+        if flat.shape[1] != self.dim:
+            raise ValueError(f"x has {flat.shape[1]} features per sample (shape {tuple(x.shape)}) but this TimeMLP "
+                             f"was built for dim={self.dim}")
+        if tt.numel() != x.shape[0]:
+            raise ValueError(f"t must have one time per sample ({x.shape[0]}), got shape {tuple(tt.shape)}")
         out = self.net(torch.cat([flat, fourier_time_features(tt, self.n_frequencies).to(flat.dtype)], dim=1))
         if self.squeeze:
             return out.squeeze(1)

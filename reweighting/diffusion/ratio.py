@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..checks import check_finite, checks_enabled
+from .schedules import check_samples
 
 __all__ = ["log_ratio_from_logit", "TimeDependentRatio"]
 
@@ -88,8 +89,13 @@ class TimeDependentRatio(nn.Module):
         return f"reference_fraction={self.reference_fraction}, clip={self.clip}"
 
     def _logit(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if x_t.dim() == 0 or x_t.shape[0] == 0:
-            raise ValueError(f"x_t must be a non-empty batch, got shape {tuple(x_t.shape)}")
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() == 0 or x_t.shape[0] == 0:
+            raise ValueError(f"x_t must be a non-empty batch, got {getattr(x_t, 'shape', type(x_t).__name__)}")
+        check_samples(x_t, "x_t", self.discriminator, "discriminator")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"t must be a torch.Tensor of times, got {type(t).__name__}")
+        if checks_enabled():
+            check_finite(t.detach().reshape(-1).float(), "t")
         batch = x_t.shape[0]
         if t.dim() == 0:
             t = t.expand(batch)
@@ -103,7 +109,7 @@ class TimeDependentRatio(nn.Module):
                 f"the discriminator must return one logit per sample (shape [{batch}]), got {tuple(logit.shape)}"
             )
         if checks_enabled():
-            check_finite(logit.detach(), "discriminator logits")
+            check_finite(logit.detach(), "discriminator logits (x_t and t are finite)")
         return logit
 
     def _log_weight(self, logit: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .losses import Model, _check_prediction
-from .schedules import NoiseSchedule, expand_like
+from .schedules import NoiseSchedule, check_samples, expand_like
 
 __all__ = ["predict_eps_x0", "sample_ode", "sample_ancestral"]
 
@@ -45,10 +45,26 @@ def predict_eps_x0(
     return eps, (x - s * eps) / a
 
 
-def _start(shape, schedule: NoiseSchedule, steps: int, generator, device, x_T):
+def _start(shape, schedule: NoiseSchedule, steps: int, generator, device, x_T, model, prediction):
+    _check_prediction(prediction)
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x_t, t), got {type(model).__name__}")
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (tuple, list)) or len(shape) < 2 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise ValueError(f"shape must be a tuple of positive ints (batch, features...), got {shape!r}")
     times = schedule.time_grid(steps, device=device)
-    if x_T is None:
-        x_T = torch.randn(shape, generator=generator).to(device)
+    if x_T is not None:
+        check_samples(x_T, "x_T", model, "model")
+        if tuple(x_T.shape) != tuple(shape):
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape is {tuple(shape)}")
+    else:
+        param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        dtype = param.dtype if param is not None else torch.float32
+        x_T = torch.randn(shape, generator=generator, dtype=dtype).to(device)
         x_T = x_T * schedule.sigma(times[:1]).to(device)
     return times, x_T
 
@@ -80,7 +96,7 @@ def sample_ode(
     """
     if method not in ("heun", "euler"):
         raise ValueError(f"method must be 'heun' or 'euler', got {method!r}")
-    times, x = _start(shape, schedule, steps, generator, device, x_T)
+    times, x = _start(shape, schedule, steps, generator, device, x_T, model, prediction)
     batch = x.shape[0]
     for i in _progress(range(steps), show_progress, "sampling (ODE)"):
         t, t_next = times[i].expand(batch), times[i + 1].expand(batch)
@@ -115,7 +131,7 @@ def sample_ancestral(
     show_progress: bool = False,
 ) -> torch.Tensor:
     """Ancestral sampling: ``steps`` draws from the forward process's posterior given the model's ``x0_hat``."""
-    times, x = _start(shape, schedule, steps, generator, device, x_T)
+    times, x = _start(shape, schedule, steps, generator, device, x_T, model, prediction)
     batch = x.shape[0]
     for i in _progress(range(steps), show_progress, "sampling (ancestral)"):
         t, s_time = times[i].expand(batch), times[i + 1].expand(batch)

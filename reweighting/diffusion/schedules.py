@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["NoiseSchedule", "VPLinear", "VPCosine", "VE", "EDM", "SCHEDULES", "make_schedule"]
+from ..checks import check_count, checks_enabled, describe_indices
+
+__all__ = ["NoiseSchedule", "VPLinear", "VPCosine", "VE", "EDM", "SCHEDULES", "make_schedule", "check_samples"]
 
 
 class NoiseSchedule(ABC):
@@ -63,6 +65,23 @@ class NoiseSchedule(ABC):
         grid[0], grid[-1] = self.t_max, self.t_min
         return grid.float().to(device)
 
+    def check_time(self, t: torch.Tensor, name: str = "t") -> None:
+        """Raise naming the samples where ``t`` is NaN or outside ``[t_min, t_max]`` (obeys ``set_checks``)."""
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of times, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor of times, got dtype {t.dtype}")
+        if not checks_enabled():
+            return
+        lo, hi = float(self.t_min), float(self.t_max)
+        slack = 1e-6 * max(1.0, abs(hi))  # float32 rounding of the bounds themselves
+        tt = t.detach().double()
+        bad = ~((tt >= lo - slack) & (tt <= hi + slack))  # also catches NaN
+        if bool(bad.any()):
+            values = tt.reshape(-1)[bad.reshape(-1)][:5].tolist()
+            raise ValueError(f"{name} must lie in the schedule's range [t_min, t_max] = [{lo:g}, {hi:g}] "
+                             f"({type(self).__name__}); got {values} at sample indices {describe_indices(bad)}")
+
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(alpha(t), sigma(t))`` in float32."""
         t = torch.as_tensor(t, dtype=torch.float32)
@@ -72,11 +91,38 @@ class NoiseSchedule(ABC):
         self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
         *, generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x_t, eps)`` with ``x_t = alpha(t) x0 + sigma(t) eps``; ``t`` has shape ``[B]``."""
+        """``(x_t, eps)`` with ``x_t = alpha(t) x0 + sigma(t) eps``; ``t`` ``[B]`` within ``[t_min, t_max]``."""
+        self.check_time(t)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         a, s = (v.to(x0.dtype) for v in self.alpha_sigma(t))
         return expand_like(a, x0) * x0 + expand_like(s, x0) * noise, noise
+
+
+def check_samples(x: torch.Tensor, name: str, module: object = None, module_name: str = "model") -> None:
+    """A floating-point batch ``[B, ...]`` with finite samples, matching ``module``'s parameter dtype and device.
+
+    Non-finite samples are named by index (a host read; obeys ``set_checks``). A dtype or device
+    other than the module's parameters' would otherwise fail deep inside it (``mat1 and mat2 must
+    have the same dtype``); the error says which conversion is needed.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must be [batch, features...], got shape {tuple(x.shape)}")
+    param = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
+    if param is not None:
+        if x.dtype != param.dtype:
+            raise TypeError(f"{name} is {x.dtype} but the {module_name}'s parameters are {param.dtype}: convert one "
+                            f"to the other (e.g. {name}.to({param.dtype}))")
+        if x.device != param.device:
+            raise ValueError(f"{name} is on {x.device} but the {module_name}'s parameters are on {param.device}")
+    if checks_enabled() and x.shape[0] > 0:
+        bad = ~torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(dim=1)
+        if bool(bad.any()):
+            raise ValueError(f"{name} has NaN or infinite values in samples {describe_indices(bad)}")
 
 
 def expand_like(per_sample: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -89,8 +135,7 @@ def expand_like(per_sample: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_steps(steps: int) -> None:
-    if int(steps) < 1:
-        raise ValueError(f"steps must be >= 1, got {steps!r}")
+    check_count(steps, "steps", 1)
 
 
 def _check_range(t_min: float, t_max: float) -> None:

@@ -210,13 +210,18 @@ def test_bad_inputs_raise_clear_errors():
         dsm_loss(model, torch.randn(4), schedule)
     with pytest.raises(ValueError, match="x0 is empty"):
         dsm_loss(model, torch.randn(0, 2), schedule)
-    with pytest.raises(ValueError, match=r"per-sample denoising loss has NaN values at sample indices \[2\]"):
+    with pytest.raises(ValueError, match=r"x0 has NaN or infinite values in samples \[2\]"):
         bad = x0.clone()
         bad[2, 1] = float("nan")
         dsm_loss(model, bad, schedule)
-    with pytest.raises(ValueError, match=r"discriminator logits has NaN values at sample indices \[1, 3\]"):
+    with pytest.raises(ValueError, match=r"x0 has NaN or infinite values in samples \[1, 3\]"):
         bad = x0.clone()
         bad[[1, 3]] = float("nan")
         tiw_dsm_loss(model, bad, schedule, ratio)
+    nan_at_2 = torch.tensor([0.0, 0.0, float("nan"), 0.0]).reshape(4, 1)
+    with pytest.raises(ValueError, match=r"per-sample denoising loss has NaN values at sample indices \[2\]"):
+        dsm_loss(lambda x, t: x + nan_at_2, x0, schedule)
+    with pytest.raises(ValueError, match=r"discriminator logits .* has NaN values at sample indices \[2\]"):
+        tiw_dsm_loss(model, x0, schedule, TimeDependentRatio(lambda x, t: x.sum(1) + nan_at_2[:, 0]))
     with pytest.raises(ValueError, match="one logit per sample"):
         tiw_dsm_loss(model, x0, schedule, TimeDependentRatio(lambda x, t: x @ x.T))

@@ -56,7 +56,7 @@ def test_variance_preserving_and_exploding_values():
         VPLinear(t_min=0.5, t_max=0.2)
     with pytest.raises(ValueError, match="schedule must be one of"):
         make_schedule("linear")
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         vp.time_grid(0)
 
 
