@@ -85,7 +85,7 @@ def _parts_table(r: dict[str, Any]) -> list[str]:
     """One row per part of the claim: its verdict, margin (positive supports the claim) and noise."""
     if not r.get("parts"):
         return []
-    lines = ["| part of the claim | verdict | margin | noise (95% paired) | seeds |", "|---|---|---|---|---|"]
+    lines = ["| part of the claim | verdict | margin | noise (95% paired) | pairs |", "|---|---|---|---|---|"]
     for p in r["parts"]:
         noise = _fmt(p["noise"]) if p["noise"] is not None else "n/a (1 seed)"
         lines.append(f"| {p['name']} | {p['verdict']} | {p['margin']:+.4g} | {noise} | {p['n']} |")
@@ -147,7 +147,7 @@ def build_report(out_dir: str | Path, *, plots: bool = True) -> Path:
         lines.append("")
         rows = [(r, p) for r in results for p in r.get("parts", [])]
         if rows:
-            lines += ["| study | part of the claim | verdict | margin | noise | seeds |",
+            lines += ["| study | part of the claim | verdict | margin | noise | pairs |",
                       "|---|---|---|---|---|---|"]
             for r, p in rows:
                 noise = _fmt(p["noise"]) if p["noise"] is not None else "n/a (1 seed)"
