@@ -153,8 +153,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"[{study.name}] {study.claim}")
         result = run_study(study, quick=args.quick, num_seeds=args.seeds, out_dir=out, device=args.device,
                            show_progress=not args.no_progress)
-        verdict = "holds" if result["holds"] else "does NOT hold"
-        print(f"[{study.name}] claim {verdict} ({result['seconds']:.0f} s)")
+        print(f"[{study.name}] claim: {result['verdict']} ({result['seconds']:.0f} s wall, "
+              f"{result['cpu_seconds']:.0f} s CPU)")
         if not result["holds"]:
             failed.append(study.name)
     report = build_report(out)
