@@ -156,11 +156,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"[{study.name}] claim: {result['verdict']} ({result['seconds']:.0f} s wall, "
               f"{result['cpu_seconds']:.0f} s CPU)")
         if not result["holds"]:
-            failed.append(study.name)
+            failed.append(f"{study.name} ({result['verdict']})")
     report = build_report(out)
     print(f"report: {report}")
     if failed:
-        print(f"claims that did not hold in this run: {', '.join(failed)} (see the report)")
+        print(f"claims that did not hold in this run, or could not be decided: {', '.join(failed)} (see the report)")
     return 0
 
 
