@@ -204,8 +204,15 @@ class OpenAICompatible:
             if len(choices) > n - len(drawn):
                 raise APIError(f"{self.base_url}/chat/completions returned {len(choices)} completions when "
                                    f"{n - len(drawn)} were asked for")
-            choices = sorted(choices, key=lambda c: c.get("index", 0))
-            drawn += [c["message"]["content"] or "" for c in choices]
+            try:
+                choices = sorted(choices, key=lambda c: c.get("index", 0))
+                texts = [c["message"]["content"] or "" for c in choices]
+            except (AttributeError, KeyError, TypeError):
+                raise APIError(f"{self.base_url}/chat/completions answered choices without message.content: "
+                               f"{json.dumps(choices)[:200]}") from None
+            if not all(isinstance(t, str) for t in texts):
+                raise APIError(f"{self.base_url}/chat/completions answered a non-text message.content")
+            drawn += texts
             if len(drawn) == n:
                 break
         return drawn
@@ -221,8 +228,13 @@ class OpenAICompatible:
             raise APIError(f"{self.base_url}/embeddings returned {len(data) if isinstance(data, list) else 'no'} "
                                f"embeddings for {len(texts)} texts")
         vectors = []
-        for i, item in enumerate(sorted(data, key=lambda d: d.get("index", 0))):
-            v = torch.tensor(item["embedding"], dtype=torch.float32)
+        try:
+            items = [torch.tensor(d["embedding"], dtype=torch.float32)
+                     for d in sorted(data, key=lambda d: d.get("index", 0))]
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError):
+            raise APIError(f"{self.base_url}/embeddings answered data without numeric 'embedding' lists: "
+                           f"{json.dumps(data)[:200]}") from None
+        for i, v in enumerate(items):
             if v.dim() == 2:  # one vector per token
                 if self.pooling == "error":
                     raise APIError(f"{self.base_url}/embeddings returned one vector per token "

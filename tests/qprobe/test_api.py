@@ -208,3 +208,21 @@ def test_llamacpp_example_runs_against_a_server_that_behaves_like_llamacpp():
         assert len(chats) == 6 * 3 and [b["seed"] for b in chats[:3]] == [0, 1, 2]
     if importlib.util.find_spec("llama_cpp") is None:
         assert main([]) == 1  # says what is missing instead of failing later
+
+
+def test_malformed_replies_are_clear_errors():
+    from reweighting.qprobe import APIError
+
+    with loopback_server() as server:
+        client = _client(server)
+        for reply, words in [({"choices": [{"index": 0}]}, "message.content"), ({"oops": 1}, "without completions"),
+                             ({"choices": [{"message": {"content": 3}}]}, "non-text")]:
+            client._post = lambda path, payload, reply=reply: reply
+            with pytest.raises(APIError, match=words):
+                client.sample("p", 1)
+        for reply, words in [({"data": [{"index": 0, "vector": [1.0]}]}, "numeric 'embedding'"),
+                             ({"data": [{"embedding": ["a"]}]}, "numeric 'embedding'"),
+                             ({"data": []}, "returned 0 embeddings for 1 texts")]:
+            client._post = lambda path, payload, reply=reply: reply
+            with pytest.raises(APIError, match=words):
+                client.embed(["x"])
