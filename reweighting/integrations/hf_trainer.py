@@ -56,8 +56,10 @@ is split into micro-batches.
 and the weighted gradient written from the same stored tensors (see
 :class:`reweighting.SelfInfluence`); the engine sums gradients over ranks itself, so the forward
 runs on the unwrapped model. Its weights are per micro-batch (``accumulation="micro"``), and fp16
-with a gradient scaler is refused (bf16 is fine). It scores rows: packed or padding-free batches
-raise.
+with a gradient scaler is refused (bf16 is fine). Padding-free batches are scored per document
+(:meth:`reweighting.SelfInfluence.norms` with ``documents=``), which is exact when the attention
+keeps documents apart (``position_ids`` restarting at each document, no ``attention_mask``, as
+``DataCollatorWithFlattening`` gives); other packed rows raise.
 
 The reweighter's step counter advances once per optimizer step and is set to the Trainer's
 ``global_step`` when training starts, so a run resumed from a checkpoint continues its schedule.
@@ -539,13 +541,37 @@ class ReweightingMixin:
                 include = carries.any(dim=1)
             return None, include, int(labels.shape[0])
         if self.presence:
-            raise ValueError(f"this batch packs {documents.count} documents into {documents.index.shape[0]} rows; "
-                             f"PRESENCE in the Trainer scores rows, so it would weight each row as one sample: "
-                             f"give it one document per row")
+            self._check_presence_documents(inputs, documents)
         carries = _input_aligned_targets(labels.to(documents.index.device), self.shift_labels, -100) != -100
         counts = torch.zeros(documents.count, dtype=torch.long, device=carries.device).index_add_(
             0, documents.index.reshape(-1).clamp(min=0), (carries & (documents.index >= 0)).reshape(-1).long())
         return documents, counts > 0, documents.count
+
+    def _without_cache(self, inputs: dict[str, Any], documents: Documents | None) -> dict[str, Any]:
+        """Packed inputs get ``use_cache=False``: Hugging Face models keep packed documents apart (from the
+        restarting ``position_ids``) only without a cache, and a model whose config says ``use_cache=True``
+        would otherwise let them attend to each other."""
+        if documents is None or "use_cache" in inputs:
+            return inputs
+        try:
+            takes = "use_cache" in inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):
+            takes = False
+        return {**inputs, "use_cache": False} if takes else inputs
+
+    def _check_presence_documents(self, inputs: dict[str, Any], documents: Documents) -> None:
+        """PRESENCE's per-document norms sum per-position terms: exact only if documents do not attend to each other."""
+        pos = inputs.get("position_ids")
+        apart = isinstance(pos, torch.Tensor) and inputs.get("attention_mask") is None
+        if apart:
+            by_position = document_index(pos.expand(documents.index.shape), position_ids=pos.expand(
+                documents.index.shape), position_start=int(pos.min()))
+            apart = by_position.count == documents.count and bool(torch.equal(by_position.index, documents.index))
+        if not apart:
+            raise ValueError(f"this batch packs {documents.count} documents into {documents.index.shape[0]} rows, "
+                             f"and PRESENCE's per-document self-influence is exact only when the attention keeps "
+                             f"them apart: give position_ids that restart at each document and no attention_mask "
+                             f"(as DataCollatorWithFlattening does), or one document per row")
 
     def _forward_losses(
         self, model: torch.nn.Module, inputs: dict[str, Any], documents: Documents | None = None
@@ -554,6 +580,7 @@ class ReweightingMixin:
         if "labels" not in inputs:
             raise ValueError("the batch has no 'labels': per-sample losses need them")
         labels = inputs.pop("labels")
+        inputs = self._without_cache(inputs, documents)
         if self.chunked_loss:
             return self._chunked_losses(model, inputs, labels, documents)
         outputs = model(**inputs)
@@ -665,18 +692,32 @@ class ReweightingMixin:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         inputs = self._prepare_inputs(inputs)
-        self._samples(inputs)  # refuses packed rows
+        try:
+            documents, _, _ = self._samples(inputs)
+        except ValueError as err:
+            raise _with_rows(err, inputs.get(ROW_KEY)) from err
         si, presence = self.self_influence, self.reweighter
         # The engine sums the weighted gradient over ranks itself: run the unwrapped model so that
-        # DDP does not wait for a backward of its own. PRESENCE's norms need every row's loss.
+        # DDP does not wait for a backward of its own. PRESENCE's norms need every sample's loss, so
+        # a sample without a labelled token raises here rather than being left out.
         with self.compute_loss_context_manager(), si.capture():
             inputs_ = {k: v for k, v in inputs.items() if k not in (self.weight_column, self.document_column, ROW_KEY)}
             labels = inputs_.pop("labels")
-            outputs = self.model(**inputs_)
+            outputs = self.model(**self._without_cache(inputs_, documents))
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-            losses = (self.per_sample_loss(outputs, labels) if not self._default_losses()
-                      else causal_lm_sequence_losses(logits, labels, shift=self.shift_labels))
-        unit = presence.weights(si.norms(losses, microbatches=presence.microbatches))
+            if documents is not None:
+                token_loss, carries = causal_lm_token_losses(logits, labels, shift=self.shift_labels)
+                losses = document_losses(token_loss, carries, documents=documents).loss
+            elif not self._default_losses():
+                losses = self.per_sample_loss(outputs, labels)
+            else:
+                losses = causal_lm_sequence_losses(logits, labels, shift=self.shift_labels)
+        if documents is not None and presence.microbatches is not None:
+            raise ValueError("PRESENCE with microbatches scores groups of rows; this batch packs several documents "
+                             "per row: use microbatches=None (one unit per document)")
+        norms = si.norms(losses, microbatches=presence.microbatches,
+                         documents=None if documents is None else documents.index)
+        unit = presence.weights(norms)
         w = combine_weights(presence.per_sample(unit, losses.shape[0]), inputs.get(self.weight_column),
                             losses.shape[0], losses.device)
         self._record(weight_stats(w))

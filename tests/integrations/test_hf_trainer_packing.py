@@ -96,6 +96,7 @@ def test_flattened_batch_loss_weights_each_document():
     trainer = llama_trainer("unused", DataCollatorWithFlattening(), reweighter=rw.LossReweighter("linupper", 0.4))
     model = trainer.model
     model.train()
+    model.config.use_cache = True  # HF keeps packed documents apart only without a cache: the adapter turns it off
     docs = batch_documents(batch)
     assert docs.count == 4 and docs.length.tolist() == LENGTHS[:4]
     loss = trainer.compute_loss(model, dict(batch))
@@ -149,13 +150,46 @@ def test_rows_restarting_positions_are_never_one_sample(tmp_path):
     bad["position_ids"][0, 7] = 9  # neither continues (+1) nor restarts at 0
     with pytest.raises(ValueError, match=r"position_ids neither restart at 0.*\(row 0, position 7\)"):
         trainer.compute_loss(model, bad)
+    # PRESENCE on packed rows whose attention crosses documents (no restarting positions) would not be exact.
     presence_model = tiny_llama()
     si = rw.SelfInfluence(presence_model, modules=[presence_model.model.norm], bookkeeping=False)
     presence = llama_trainer(tmp_path, DataCollatorWithFlattening(), reweighter=rw.PresenceReweighter(switch_step=1),
                              self_influence=si)
     presence.model = presence_model
-    with pytest.raises(ValueError, match="packs 3 documents into 1 rows.*PRESENCE"):
-        presence.training_step(presence_model, dict(batch))
+    crossing = {"input_ids": batch["input_ids"], "labels": batch["labels"],
+                "document_ids": batch_documents(batch).index}
+    with pytest.raises(ValueError, match="packs 3 documents into 1 rows.*PRESENCE's per-document self-influence"):
+        presence.training_step(presence_model, crossing)
+
+
+def test_presence_on_a_flattened_batch_weights_each_document(tmp_path):
+    """PRESENCE per document of a DataCollatorWithFlattening row = the weighted gradient of the documents alone."""
+    features = [documents()[i] for i in range(4)]
+    batch = DataCollatorWithFlattening()(features)
+    model = tiny_llama()
+    chosen = [model.model.layers[0].input_layernorm, model.model.layers[0].post_attention_layernorm]
+    si = rw.SelfInfluence(model, modules=chosen, bookkeeping=False)
+    trainer = llama_trainer(tmp_path, DataCollatorWithFlattening(), reweighter=rw.PresenceReweighter(switch_step=1),
+                            self_influence=si)
+    trainer.model = model
+    model.zero_grad()
+    trainer.training_step(model, dict(batch))
+    got = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    alone = []
+    for f in features:
+        logits = model(input_ids=torch.tensor([f["input_ids"]])).logits
+        alone.append(torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor(f["labels"][1:])))
+    alone = torch.stack(alone)
+    chosen_params = [p for m in chosen for p in m.parameters()]
+    si_ref = torch.stack([sum(g.square().sum() for g in torch.autograd.grad(alone[d], chosen_params,
+                                                                            retain_graph=True))
+                          for d in range(4)])
+    w = rw.PresenceReweighter(switch_step=1).weights(si_ref)
+    (w * alone).sum().backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
 
 
 def test_weight_column_per_document_must_match_the_documents(tmp_path):
