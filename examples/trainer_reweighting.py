@@ -99,8 +99,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = GPT2LMHeadModel(config)
     dataset_fn, collator = build_dataset, default_data_collator
     if args.padding_free:
-        if args.reweighter == "presence":
-            raise SystemExit("--padding-free weights documents; PRESENCE in the Trainer scores rows")
         model = LlamaForCausalLM(LlamaConfig(
             vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=args.seq_len, attention_dropout=args.dropout,
@@ -110,8 +108,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.reweighter == "presence":
         # Score only the first block's LayerNorms (the paper scores the first layers; cheap) and update the
         # rest by autograd. The engine also has a rule for GPT-2's Conv1D, should a wider scope be wanted.
-        block = model.transformer.h[0]
-        extra["self_influence"] = rw.SelfInfluence(model, modules=[block.ln_1, block.ln_2], bookkeeping=False)
+        if args.padding_free:  # per-document self-influence; the Llama keeps a row's documents apart
+            norms = [model.model.layers[0].input_layernorm, model.model.layers[0].post_attention_layernorm]
+        else:
+            norms = [model.transformer.h[0].ln_1, model.transformer.h[0].ln_2]
+        extra["self_influence"] = rw.SelfInfluence(model, modules=norms, bookkeeping=False)
         extra["reweighter"] = rw.PresenceReweighter(switch_step=args.steps // 2)
     elif args.reweighter != "none":
         extra["reweighter"] = rw.LossReweighter(args.reweighter, temperature=args.temperature,
