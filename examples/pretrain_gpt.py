@@ -22,8 +22,11 @@ documents (each file's blank-line separated blocks: functions, classes, docstrin
 right into rows with per-row document ids (:func:`reweighting.packing.pack_documents`), and the
 sample the reweighter weights is a **document**: its mean next-token loss over its own tokens
 (:func:`reweighting.packing.document_losses`; the prediction of a document's first token from the
-previous document is left out). The number of documents differs per micro-batch and per rank;
-the weights are normalised over all of them. PRESENCE scores rows and is refused here.
+previous document is left out). As in usual packed pre-training the model attends across the
+documents of a row (no block-diagonal mask), so a document's loss is conditioned on what precedes
+it in the row. The number of documents differs per micro-batch and per rank; the weights are
+normalised over all of them. PRESENCE is refused here: per-document self-influence is exact only
+when the attention keeps documents apart.
 
 ``--chunked-loss``: the token losses come from the final hidden states and the output embedding,
 ``chunk_tokens`` tokens at a time (:func:`reweighting.lm_loss.per_token_lm_loss`), so the
@@ -193,8 +196,8 @@ def train(args: argparse.Namespace) -> dict:
     documents, heldout_documents = stdlib_documents(args.max_documents)
     if args.packed:
         if args.reweighter == "presence":
-            raise ValueError("--packed weights documents; PRESENCE's self-influence here scores rows: use a "
-                             "loss-based reweighter or none")
+            raise ValueError("--packed with PRESENCE: the model attends across a row's documents, so per-document "
+                             "self-influence would not be exact; use a loss-based reweighter or none")
         data, doc_ids = pack_documents(split_documents(documents), args.seq_len + 1)
     else:
         data, doc_ids = pack_sequences(documents, args.seq_len), None
