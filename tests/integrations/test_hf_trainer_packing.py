@@ -66,13 +66,16 @@ def llama_trainer(tmp_path, collator, *, batch=3, steps=1, max_steps=2, dataset=
                               data_collator=collator, **kwargs)
 
 
-@pytest.mark.parametrize("steps, accumulation, flash_kwargs", [(1, None, False), (2, "global", True),
-                                                              (2, "micro", False)])
-def test_flattened_batches_equal_the_documents_padded_one_per_row(tmp_path, flash_kwargs, steps, accumulation):
+@pytest.mark.parametrize("steps, accumulation, flash_kwargs, reweighter", [
+    (1, None, False, True), (2, "global", True, True), (2, "micro", False, True),
+    (2, None, False, False),  # only the per-document sample_weight column, normalised over the window
+])
+def test_flattened_batches_equal_the_documents_padded_one_per_row(tmp_path, flash_kwargs, steps, accumulation,
+                                                                  reweighter):
     """DataCollatorWithFlattening: all documents of a micro-batch in one row; weights per document."""
     def run(collator):
         trainer = llama_trainer(tmp_path, collator, steps=steps, accumulation=accumulation,
-                                reweighter=rw.LossReweighter("linupper", temperature=0.4))
+                                reweighter=rw.LossReweighter("linupper", temperature=0.4) if reweighter else None)
         trainer.train()
         logged = [h for h in trainer.state.log_history if "loss" in h]
         return params(trainer.model), logged
