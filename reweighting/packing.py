@@ -141,6 +141,13 @@ def _from_positions(pos: torch.Tensor, real: torch.Tensor, start: int) -> tuple[
     return new, [(bad, message)]
 
 
+def _padding_hint(errors: list[tuple[torch.Tensor, str]], padding_mask: torch.Tensor | None) -> list:
+    if padding_mask is not None:
+        return errors
+    return [(mask, message + " (if those tokens are padding, pass padding_mask, e.g. the attention_mask)")
+            for mask, message in errors]
+
+
 def _from_cu_seq_lens(cu: torch.Tensor, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
     b, t = shape
     cu = _integer(cu, "cu_seq_lens").to(device)
@@ -220,6 +227,7 @@ def document_index(
     elif position_ids is not None:
         pos = _integer(_grid(position_ids, "position_ids", shape, device), "position_ids")
         new, errors = _from_positions(pos, real, int(position_start))
+        errors = _padding_hint(errors, padding_mask)
     elif cu_seq_lens is not None:
         if not isinstance(cu_seq_lens, torch.Tensor):
             cu_seq_lens = torch.as_tensor(cu_seq_lens)
@@ -247,7 +255,7 @@ def _index(new: torch.Tensor, real: torch.Tensor, errors: list[tuple[torch.Tenso
         raise ValueError("the batch holds no document (every token is padding)")
     number = flat_new.long().cumsum(0) - 1
     index = torch.where(real.reshape(-1), number, torch.full_like(number, -1)).view(b, t)
-    first = torch.nonzero(flat_new).reshape(-1)
+    first = torch.nonzero_static(flat_new, size=n).reshape(-1)  # n is known: no second host read
     length = torch.zeros(n, dtype=torch.long, device=new.device).index_add_(
         0, index.reshape(-1).clamp(min=0), real.reshape(-1).long())
     return Documents(index=index, count=n, row=first // t, start=first % t, length=length)
