@@ -193,3 +193,12 @@ def test_functional_uses_are_watched_while_seen_and_a_later_one_raises():
     with pytest.raises(RuntimeError, match="pass functional=True"):
         si.norms(losses)
     weighted_check(model, SelfInfluence(model, broadcast=["pos"], functional=True), M.seq_loss, (tokens, mask))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_layer_is_exact(norm_first):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=norm_first)
+    model = nn.Sequential(nn.Linear(4, 8), layer, nn.Linear(8, 2))
+    x, y = torch.randn(3, 5, 4), torch.randn(3, 5, 2)
+    weighted_check(model, SelfInfluence(model), M.regression_loss_3d, (x, y), reference=per_sample_grads_loop)
