@@ -75,8 +75,9 @@ if hasattr(nn, "RMSNorm"):
 
     _POSITIONWISE.add(_rms_norm_rule)
 REENTRANT = (
-    "reentrant activation checkpointing (torch.utils.checkpoint.checkpoint(..., use_reentrant=True)) runs the "
-    "checkpointed layers without a graph, so their per-sample gradients cannot be formed: use use_reentrant=False "
+    "the model uses reentrant activation checkpointing (torch.utils.checkpoint.checkpoint(..., use_reentrant=True)), "
+    "which runs the checkpointed layers without a graph, so their per-sample gradients cannot be formed: use "
+    "use_reentrant=False "
     "(Hugging Face: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))"
 )
 COMPILED = (
@@ -551,7 +552,7 @@ class SelfInfluence:
             seen.add(node)
             name = node.name()
             if name == "CheckpointFunctionBackward":
-                raise RuntimeError(f"the losses' graph contains {REENTRANT}")
+                raise RuntimeError(REENTRANT)
             for i, (child, _) in enumerate(node.next_functions):
                 if child is None:
                     continue

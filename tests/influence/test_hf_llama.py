@@ -75,3 +75,21 @@ def test_a_weight_and_eps_module_with_another_formula_is_refused():
     with pytest.raises(ValueError, match=r"'1' \(NotRMS\) holds a 1-d weight and an eps"):
         with si.capture():
             model(torch.randn(2, 3))
+
+
+def test_gradient_checkpointing_default_is_exact_and_reentrant_raises():
+    ids, mask = padded_batch()
+    for kwargs in ({}, {"gradient_checkpointing_kwargs": {"use_reentrant": True}}):
+        model = tiny("llama").train()
+        model.gradient_checkpointing_enable(**kwargs)
+        si = SelfInfluence(model)
+        with si.capture():
+            losses = lm_loss(model, ids, mask)
+        if kwargs:
+            with pytest.raises(RuntimeError, match="use_reentrant=False"):
+                si.norms(losses)
+        else:  # transformers' default is the non-reentrant kind
+            got = si.norms(losses)
+            grads = per_sample_grads_loop(model, lm_loss, ids, mask)
+            want = sum(g.flatten(1).square().sum(1) for g in grads.values())
+            assert ((got - want).abs().max() / want.abs().max()) < 1e-4
