@@ -186,6 +186,18 @@ def self_influence_loop(model, rows: torch.Tensor, scope: str, unit: int = 1) ->
     return torch.tensor(scores)
 
 
+def unit_scores(model, rows: torch.Tensor, bad: torch.Tensor, scope: str, unit: int):
+    """Self-influence of units of ``unit`` windows of one kind (all clean or all corrupted):
+    ``(clean_scores, corrupted_scores)``, or None when either kind has fewer than ``unit`` windows."""
+    bad = bad.to(rows.device)
+    clean_rows, bad_rows = rows[~bad], rows[bad]
+    m = min(len(clean_rows), len(bad_rows)) // unit * unit
+    if m < unit:
+        return None
+    return (self_influence_loop(model, clean_rows[:m], scope, unit).cpu(),
+            self_influence_loop(model, bad_rows[:m], scope, unit).cpu())
+
+
 def unigram_entropy(rows: torch.Tensor) -> float:
     """Entropy (nats) of the byte frequencies of ``rows``: the loss of the best context-free model."""
     counts = torch.bincount(rows.flatten(), minlength=256).double()
@@ -217,15 +229,10 @@ def assumption_table(cfg: Config, seed: int, device: torch.device, ctx: StudyCon
         rows, bad = data.pool[:n].to(device), data.corrupted[:n]
         table[corruption] = {scope: auroc(self_influence_loop(model, rows, scope), bad)
                              for scope in ("first-block", "all")}
-        # units of one kind: 4 clean windows or 4 corrupted ones
-        unit = 4
-        clean_rows, bad_rows = rows[~bad.to(device)], rows[bad.to(device)]
-        m = min(len(clean_rows), len(bad_rows)) // unit * unit
-        if m >= unit:
-            scores = torch.cat([self_influence_loop(model, clean_rows[:m], "first-block", unit),
-                                self_influence_loop(model, bad_rows[:m], "first-block", unit)])
-            is_bad = torch.cat([torch.zeros(m // unit, dtype=torch.bool), torch.ones(m // unit, dtype=torch.bool)])
-            table[corruption]["units-of-4"] = auroc(scores, is_bad)
+        result = unit_scores(model, rows, bad, "first-block", 4)
+        if result is not None:
+            table[corruption]["units-of-4"] = auroc(torch.cat([result[0], result[1]]), torch.cat(
+                [torch.zeros(len(result[0]), dtype=torch.bool), torch.ones(len(result[1]), dtype=torch.bool)]))
     return table
 
 
@@ -342,7 +349,16 @@ def _compare_methods(ctx: StudyContext, cfg: Config, label: str) -> dict:
     scored = torch.arange(min(cfg.scored_sequences, data.pool.shape[0]))
     for seed, method in ctx.progress(jobs, desc=f"presence runs ({label})", total=len(jobs)):
         results[(seed, method)] = r = train(data, cfg, method, seed, ctx.device, ctx)
-        if method == "uniform":
+        if method == "uniform" and cfg.microbatches:
+            # the sample is a micro-batch unit: score units of one kind, as the assumption table does
+            clean_units, bad_units = unit_scores(r["model"], data.pool[scored].to(ctx.device), data.corrupted[scored],
+                                                 cfg.scope, cfg.batch // cfg.microbatches)
+            flags = torch.cat([torch.zeros(len(clean_units), dtype=torch.bool),
+                               torch.ones(len(bad_units), dtype=torch.bool)])
+            aurocs.append(auroc(torch.cat([clean_units, bad_units]), flags))
+            si_clean.append(clean_units)
+            si_bad.append(bad_units)
+        elif method == "uniform":
             scores = score_dataset(r["model"], data.pool[scored], lambda m, rows: sequence_losses(m, rows),
                                    batch_size=64, modules=scope_modules(r["model"], cfg), broadcast=["pos"],
                                    progress=False).cpu()
@@ -387,11 +403,13 @@ def _setting_summary(cfg: Config, run: dict, seeds: list[int], label: str) -> li
         f"### Setting: {label}",
         "",
         f"{cfg.corrupt_share:.0%} of {data.pool.shape[0]} training windows corrupted ({cfg.corruption}), K = "
-        f"{cfg.scope}" + (f", micro-batch units of {cfg.microbatches}" if cfg.microbatches else "")
+        f"{cfg.scope}" + (f", {cfg.microbatches} micro-batch units of {cfg.batch // cfg.microbatches} windows per "
+                          "batch" if cfg.microbatches else "")
         + f"; {cfg.steps} steps of batch {cfg.batch}, lr {cfg.lr:g} for every method, switch after "
         f"{round(cfg.switch_fraction * cfg.steps)} steps; {len(seeds)} seed(s).",
         "",
-        f"**Self-influence** (final uniform model, {len(si_clean[0]) + len(si_bad[0])} pool windows): AUROC for "
+        f"**Self-influence** (final uniform model, {len(si_clean[0]) + len(si_bad[0])} "
+        f"{'units' if cfg.microbatches else 'pool windows'}): AUROC for "
         f"corrupted vs clean {auroc_stats['mean']:.3f} ± {auroc_stats['std']:.3f}; median "
         f"SI corrupted / clean {sum(ratio) / len(ratio):.2f}x."
         + (" Per-batch z-scores during training (AUROC pooled over steps): "

@@ -92,3 +92,15 @@ def test_health_check_on_a_broken_and_a_healthy_model():
     log_p = (counts / counts.sum(1, keepdim=True)).log()
     bigram = float(-log_p[data.heldout[:, :-1], data.heldout[:, 1:]].mean())
     assert P.baseline_health([bigram], bar).healthy
+
+
+def test_micro_batch_setting_scores_units(tmp_path):
+    from dataclasses import replace
+
+    ctx = StudyContext(quick=True, seeds=[0], out_dir=tmp_path, device=torch.device("cpu"), show_progress=False)
+    cfg = replace(P.SMOKE, microbatches=2, steps=3)  # 2 units of 4 windows per batch
+    run = P._compare_methods(ctx, cfg, "units")
+    # the AUROC is over units of 4 windows of one kind, as in the assumption table
+    n_bad = int(P.load_data(cfg).corrupted[: cfg.scored_sequences].sum())
+    assert len(run["si_bad"][0]) == len(run["si_clean"][0]) == min(n_bad, cfg.scored_sequences - n_bad) // 4
+    assert 0.0 <= run["aurocs"][0] <= 1.0
