@@ -140,6 +140,7 @@ class RowsFactor:
     idx: torch.Tensor
     g: torch.Tensor
     shape: torch.Size  # (num_rows, d)
+    masked: bool = True  # False: no index is -1 (no padding_idx, no grouping), so nothing to mask
 
     @property
     def units(self) -> int:
@@ -147,6 +148,8 @@ class RowsFactor:
 
     def _valid_g(self) -> torch.Tensor:
         """``[U, T, d]``: the output gradients, zero where the index is -1 (no gradient)."""
+        if not self.masked:
+            return self.g
         return torch.where((self.idx >= 0).unsqueeze(-1), self.g, torch.zeros_like(self.g))
 
     def sq_norms(self) -> torch.Tensor:
@@ -242,6 +245,8 @@ def tied_sq_norms(fs: list[Factor]) -> torch.Tensor | None:
     x, g = outer.x[:, :, 0, :], outer.g[:, :, 0, :]
     picked = torch.gather(g, 2, rows.idx.clamp(min=0).unsqueeze(1).expand(u, t, s))  # G_t[tok_s]
     products = x @ rows.g.transpose(1, 2)  # <X_t, E_s>
-    valid = (rows.idx >= 0).unsqueeze(1)
-    cross = torch.where(valid, picked * products, torch.zeros_like(products)).sum((1, 2))
+    cross = picked * products
+    if rows.masked:
+        cross = torch.where((rows.idx >= 0).unsqueeze(1), cross, torch.zeros_like(cross))
+    cross = cross.sum((1, 2))
     return rows.sq_norms() + outer.sq_norms() + 2 * cross

@@ -16,4 +16,4 @@ def embedding(module: nn.Embedding, activation: torch.Tensor, output_grad: torch
     if module.padding_idx is not None:
         idx = torch.where(idx == module.padding_idx, torch.full_like(idx, -1), idx)
     g = output_grad.reshape(b, idx.shape[1], module.embedding_dim)
-    return {"weight": RowsFactor(idx, g, module.weight.shape)}
+    return {"weight": RowsFactor(idx, g, module.weight.shape, masked=module.padding_idx is not None)}
