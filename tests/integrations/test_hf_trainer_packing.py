@@ -319,3 +319,15 @@ def test_errors_name_the_dataset_rows(tmp_path, steps):
     # The row tag never reaches the model or the user's collator output beyond the adapter.
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["_reweighting_row"].tolist() == [0, 1, 2, 3]
+
+
+def test_weight_collator_takes_one_weight_per_document_of_a_packed_row():
+    from reweighting.integrations.hf_trainer import SampleWeightCollator
+
+    collate = SampleWeightCollator(default_data_collator)
+    batch = collate([{"input_ids": [1, 2, 3], "sample_weight": [0.5, 2.0], "_reweighting_row": 7},
+                     {"input_ids": [4, 5, 6], "sample_weight": 1.0, "_reweighting_row": 2}])
+    assert batch["sample_weight"].tolist() == [0.5, 2.0, 1.0]
+    assert batch["_reweighting_row"].tolist() == [7, 2] and batch["input_ids"].shape == (2, 3)
+    with pytest.raises(ValueError, match=r"features \[1\] of the batch have no 'sample_weight'"):
+        collate([{"input_ids": [1], "sample_weight": 1.0}, {"input_ids": [2]}])
