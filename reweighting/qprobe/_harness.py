@@ -36,11 +36,39 @@ class ProgramError(Exception):
 
 
 # ---------------------------------------------------------------- plain-value encoding (both sides)
-def encode(value, depth=0):
-    """A JSON-able tagged form of ``value``; exact built-in types only (subclasses are refused)."""
+def builtin_base(value):
+    """``value`` as an instance of the exact built-in type it subclasses (``namedtuple`` -> ``tuple``,
+    ``Counter``/``OrderedDict``/``defaultdict`` -> ``dict``, ``IntEnum`` -> ``int``, a ``str`` or
+    ``float`` subclass -> ``str``/``float``), read through the built-in type's own methods so that the
+    subclass's overrides (``__eq__``, ``__str__``, ...) are left behind; ``value`` itself when it is no
+    such subclass. Only the program's process uses it: what crosses to the tests is plain data."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, complex):
+        return complex(complex.real.__get__(value), complex.imag.__get__(value))
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bytes):
+        return bytes(memoryview(value))
+    for base in (dict, list, tuple, frozenset, set):
+        if isinstance(value, base):
+            return base(value)
+    return value
+
+
+def encode(value, depth=0, loose=False):
+    """A JSON-able tagged form of ``value``; exact built-in types only: subclasses are refused, or with
+    ``loose`` (the program's results) first turned into their built-in base by :func:`builtin_base`."""
     if depth > MAX_DEPTH:
         raise ValueError("value nested too deeply")
     t = type(value)
+    if loose and t not in EXACT:
+        value = builtin_base(value)
+        t = type(value)
     if value is None:
         return ["n"]
     if t is bool:
@@ -57,10 +85,13 @@ def encode(value, depth=0):
         return ["y", value.hex()]
     if t in (list, tuple, set, frozenset):
         tag = {list: "l", tuple: "t", set: "S", frozenset: "F"}[t]
-        return [tag, [encode(v, depth + 1) for v in value]]
+        return [tag, [encode(v, depth + 1, loose) for v in value]]
     if t is dict:
-        return ["d", [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]]
+        return ["d", [[encode(k, depth + 1, loose), encode(v, depth + 1, loose)] for k, v in value.items()]]
     raise TypeError(f"a value of type {t.__name__} cannot be passed between the tests and the program")
+
+
+EXACT = (type(None), bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict)
 
 
 def _hex_int(text):
@@ -176,6 +207,25 @@ def describe(exc):
     return [name if type(name) is str else "?", text[:2000] if type(text) is str else "?"]
 
 
+def describe_raised(exc):
+    """``describe(exc)`` plus what the tests' side needs to raise the same built-in exception: the name
+    of the first built-in ``Exception`` class among the exception's bases (``ValueError`` for a
+    ``class E(ValueError)``), and its arguments as plain data (``None`` if they are not)."""
+    base, args = None, None
+    try:
+        for cls in type(exc).__mro__:
+            if cls.__module__ == "builtins" and issubclass(cls, Exception) and getattr(builtins, cls.__name__,
+                                                                                       None) is cls:
+                base = cls.__name__
+                break
+        args = encode(tuple(exc.args), loose=True)
+        if len(json.dumps(args)) > 1 << 16:
+            args = None
+    except BaseException:
+        args = None
+    return describe(exc) + [base if type(base) is str else None, args]
+
+
 # ---------------------------------------------------------------- the program's process (untrusted)
 def read_frame(fd):
     """One length-prefixed JSON object from the specification descriptor."""
@@ -246,12 +296,12 @@ def child(spec, req_r, res_w):
             try:
                 result = namespace[name](*args, **kwargs)
             except BaseException as exc:
-                reply = ["raised"] + describe(exc)
+                reply = ["raised"] + describe_raised(exc)
             else:
                 try:
-                    reply = ["ok", encode(result)]
-                except (TypeError, ValueError, RecursionError) as exc:
-                    reply = ["unsendable", str(exc)]
+                    reply = ["ok", encode(result, loose=True)]
+                except BaseException as exc:  # the program's own conversions may raise anything
+                    reply = ["unsendable", "{}: {}".format(*describe(exc))]
             flush()
             send(res_w, reply)
     finally:
@@ -260,6 +310,27 @@ def child(spec, req_r, res_w):
 
 
 # ---------------------------------------------------------------- the trusted process
+def rebuilt_exception(message):
+    """The exception to raise in the tests for ``["raised", name, text, base, args]`` from ``C``: the
+    built-in ``Exception`` class ``base`` with the plain-data ``args`` (or the text), so that tests
+    expecting one still work (``except ValueError`` catches a program's ``ValueError`` subclass);
+    :class:`ProgramError` for anything else. Never an object of the program."""
+    _, name, text, base, args = message
+    cls = getattr(builtins, base, None) if type(base) is str else None
+    if isinstance(cls, type) and issubclass(cls, Exception) and cls.__module__ == "builtins":
+        try:
+            values = decode(args) if args is not None else (text,)
+            if type(values) is not tuple:
+                raise ProtocolError("exception arguments are not a tuple")
+            return cls(*values)
+        except Exception:
+            try:
+                return cls(text)
+            except Exception:
+                pass
+    return ProgramError(f"{name}: {text}")
+
+
 class Remote:
     """Stands for a function of the program: each call is sent to ``C`` and answered with plain values."""
 
@@ -286,19 +357,15 @@ class Link:
         message = self.reply()
         if message[0] == "ok" and len(message) == 2:
             return decode(message[1])
-        if message[0] == "raised" and len(message) == 3 and type(message[1]) is str and type(message[2]) is str:
-            cls = getattr(builtins, message[1], None)
-            # A built-in exception type is raised as itself, so that tests expecting one still work.
-            if isinstance(cls, type) and issubclass(cls, Exception) and cls.__module__ == "builtins":
-                try:
-                    exc = cls(message[2])
-                except Exception:
-                    exc = ProgramError(f"{message[1]}: {message[2]}")
-                raise exc
-            raise ProgramError(f"{message[1]}: {message[2]}")
+        if message[0] == "raised" and len(message) == 5 and type(message[1]) is str and type(message[2]) is str:
+            raise rebuilt_exception(message)
         if message[0] == "unsendable" and len(message) == 2:
             raise ProgramError(f"the program returned a value that is not plain data: {message[1]}")
         raise ProtocolError("unexpected reply")
+
+
+LIMITS = (resource.RLIMIT_CPU, resource.RLIMIT_AS, resource.RLIMIT_NPROC, resource.RLIMIT_FSIZE,
+          resource.RLIMIT_NOFILE, resource.RLIMIT_CORE)
 
 
 def set_limits(limits):
@@ -339,14 +406,13 @@ def watch(limits, paths, state):
     max_files, max_memory = int(limits["max_files"]), int(limits["memory_bytes"])
     page = os.sysconf("SC_PAGE_SIZE")
 
+    own_limits = {which: resource.getrlimit(which) for which in LIMITS}
+
     def used_inodes():
         used = 0
         for path in paths:
-            try:
-                info = os.statvfs(path)
-                used += info.f_files - info.f_ffree
-            except OSError:
-                pass
+            info = os.statvfs(path)  # an error here fails the run (below): never an unchecked limit
+            used += info.f_files - info.f_ffree
         return used
 
     def resident_bytes():
@@ -356,26 +422,33 @@ def watch(limits, paths, state):
                 try:
                     with open("/proc/" + name + "/statm", "rb") as f:
                         total += int(f.read().split()[1]) * page
-                except (OSError, ValueError, IndexError):
-                    pass
+                except (FileNotFoundError, ProcessLookupError):
+                    pass  # the process has just ended; any other error fails the run
         return total
 
     def run():
-        while True:
-            if used_inodes() > max_files:
-                state["limit"] = ("file_limit", f"more than {max_files} files or directories")
-            elif resident_bytes() > max_memory:
-                state["limit"] = ("memory_limit", f"the sandbox's processes used more than {max_memory} bytes")
-            if state["limit"]:
-                try:
-                    os.kill(-1, signal.SIGKILL)  # from pid 1: every process of the namespace but this one
-                except OSError:
-                    pass
-                return
-            time.sleep(0.01)
+        try:
+            while True:
+                if any(resource.getrlimit(which) != value for which, value in own_limits.items()):
+                    state["limit"] = ("failed", "the harness's own limits were changed")
+                elif used_inodes() > max_files:
+                    state["limit"] = ("file_limit", f"more than {max_files} files or directories")
+                elif resident_bytes() > max_memory:
+                    state["limit"] = ("memory_limit", f"the sandbox's processes used more than {max_memory} bytes")
+                if state["limit"]:
+                    break
+                time.sleep(0.01)
+        except BaseException as exc:
+            # Fail closed: a watcher that cannot look any more must not leave the limits unenforced.
+            state["limit"] = ("failed", "the limit watcher failed: {}: {}".format(*describe(exc)))
+        try:
+            os.kill(-1, signal.SIGKILL)  # from pid 1: every process of the namespace but this one
+        except OSError:
+            pass
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    return thread
 
 
 def status_of(pid):
@@ -421,9 +494,10 @@ def main():
     set_limits(spec["limits"])
     verdict = {"status": "failed", "detail": "", "returncode": None}
     state = {"limit": None}
+    watcher = None
     if spec.get("watch_paths"):
         # Started before the fork, so that a fork bomb cannot use up RLIMIT_NPROC first.
-        watch(spec["limits"], spec["watch_paths"], state)
+        watcher = watch(spec["limits"], spec["watch_paths"], state)
     req_r, req_w = os.pipe()
     res_r, res_w = os.pipe()
     pid = os.fork()
@@ -474,6 +548,8 @@ def main():
         verdict["detail"] = "{}: {}".format(*tuple(describe(exc)))
     if verdict["returncode"] is None:
         verdict["returncode"] = status_of(pid)
+    if watcher is not None and not watcher.is_alive() and not state["limit"]:
+        state["limit"] = ("failed", "the limit watcher stopped")
     if state["limit"]:
         verdict["status"], verdict["detail"] = state["limit"]
     try:

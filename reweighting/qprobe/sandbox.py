@@ -92,6 +92,7 @@ Limits of this design, honestly
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import selectors
@@ -109,11 +110,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import _seccomp
+
 __all__ = ["SandboxLimits", "TestedProgram", "ExecutionResult", "SandboxUnavailable", "run_program",
            "run_programs", "code_reward", "humaneval_program", "isolation_available"]
 
 # The dedicated user and group id of sandboxed runs when the evaluator is root; override if in use.
-UID_BASE = int(os.environ.get("REWEIGHTING_SANDBOX_UID_BASE", "61000"))
+# Checked when a run starts (see _identity), so that a bad value is a clear error, not an import failure.
+UID_BASE: int | str = os.environ.get("REWEIGHTING_SANDBOX_UID_BASE", "61000")
+UID_BASE = int(UID_BASE) if UID_BASE.strip().isdigit() else UID_BASE
 UID_SLOTS = 1  # one id serves every run: each sandbox has its own user namespace and process count
 ISOLATIONS = ("bwrap", "none-unsafe")
 _HARNESS = (Path(__file__).with_name("_harness.py")).read_text()
@@ -133,8 +138,12 @@ class SandboxUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class SandboxLimits:
     """Resource limits of one run (see the module docstring). ``max_disk_bytes`` bounds the private
-    working directory and the private ``/tmp`` each, and any one file; ``max_files`` the files,
-    directories and links on both together. ``max_processes`` counts the harness's two tasks."""
+    working directory and the private ``/tmp`` each, and any one file; ``max_files`` the inodes on both
+    together (files, directories, symbolic links; a hard link takes one too on tmpfs).
+    ``max_processes`` counts every task of the sandbox, threads included, and the harness's three (its
+    process, its limit watcher thread and the program's first process): the program may start
+    ``max_processes - 3`` more. Every field is an ``int`` (the kernel's units), but ``wall_seconds``,
+    which may be any finite number."""
 
     wall_seconds: float = 10.0
     cpu_seconds: int = 5
@@ -146,14 +155,18 @@ class SandboxLimits:
     max_files: int = 10_000
 
     def __post_init__(self):
-        for name in ("wall_seconds", "cpu_seconds", "memory_bytes", "max_processes", "max_output_bytes",
-                     "max_open_files", "max_disk_bytes", "max_files"):
+        wall = self.wall_seconds
+        if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not 0 < wall < math.inf:
+            raise ValueError(f"SandboxLimits.wall_seconds must be a finite number > 0, got {wall!r}")
+        for name in ("cpu_seconds", "memory_bytes", "max_processes", "max_output_bytes", "max_open_files",
+                     "max_disk_bytes", "max_files"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"SandboxLimits.{name} must be a number > 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"SandboxLimits.{name} must be an int > 0 (the kernel's limits are integers), "
+                                 f"got {value!r}")
         if self.max_processes < 4:
-            raise ValueError(f"SandboxLimits.max_processes must be >= 4 (the harness's two tasks and the "
-                             f"program), got {self.max_processes!r}")
+            raise ValueError(f"SandboxLimits.max_processes must be >= 4 (the harness's process and watcher "
+                             f"thread, and the program), got {self.max_processes!r}")
         if self.max_open_files < 16:
             raise ValueError(f"SandboxLimits.max_open_files must be >= 16 (the harness needs a few), "
                              f"got {self.max_open_files!r}")
@@ -251,7 +264,20 @@ def _bwrap() -> str:
     return found
 
 
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+
+
+def _seccomp_program() -> bytes:
+    """The seccomp filter for this machine (see :mod:`._seccomp`); refused on an unknown architecture."""
+    try:
+        return _seccomp.seccomp_filter()
+    except ValueError as err:
+        raise SandboxUnavailable(str(err)) from None
+
+
 def _bwrap_args(python: str, limits: SandboxLimits) -> list[str]:
+    """The ``bwrap`` command line up to the program, but for the descriptors of one run (``--seccomp``,
+    ``--info-fd``, which :func:`_run` adds)."""
     args = [_bwrap(), "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
             "--as-pid-1", "--cap-drop", "ALL", "--uid", str(_INSIDE_UID), "--gid", str(_INSIDE_UID), "--clearenv",
             "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", _WORKDIR, "--setenv", "TMPDIR", "/tmp",
@@ -265,8 +291,16 @@ def _bwrap_args(python: str, limits: SandboxLimits) -> list[str]:
     if root is not None:
         args += ["--ro-bind", root, root]
     size = str(int(limits.max_disk_bytes))
-    args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
-             "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+    args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache", "--proc", "/proc"]
+    # /dev by hand rather than ``--dev``, which would add a devpts (/dev/ptmx: pseudo-terminals are a
+    # machine-wide budget) and a shared-memory directory; the harness needs /dev/null only.
+    args += ["--perms", "0755", "--tmpfs", "/dev"]
+    for name in _DEVICES:
+        args += ["--dev-bind", f"/dev/{name}", f"/dev/{name}"]
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        args += ["--symlink", target, f"/dev/{name}"]
+    args += ["--remount-ro", "/dev",
              "--size", size, "--perms", "0700", "--tmpfs", "/tmp",
              "--size", size, "--perms", "0700", "--tmpfs", _WORKDIR,
              "--remount-ro", "/", "--chdir", _WORKDIR]
@@ -277,11 +311,19 @@ def _identity() -> dict:
     """``subprocess.Popen`` arguments that drop root to the sandbox's own user and group (none otherwise)."""
     if os.geteuid() != 0:
         return {}
-    return {"user": UID_BASE, "group": UID_BASE, "extra_groups": []}
+    uid = UID_BASE
+    # Below 1000 are root and the system's accounts; 65534 is "nobody", which other services use.
+    if isinstance(uid, bool) or not isinstance(uid, int) or not 1000 <= uid < 2 ** 31 - 1 or uid == 65534:
+        raise SandboxUnavailable(f"REWEIGHTING_SANDBOX_UID_BASE must be a user id from 1000 to 2**31 - 2, "
+                                 f"other than 65534, that no account uses, got {uid!r}")
+    return {"user": uid, "group": uid, "extra_groups": []}
 
 
 _probe_lock = threading.Lock()
-_probe_result: dict[tuple, str | None] = {}
+# key -> (reason the sandbox is unavailable or None, time.monotonic() of the check); a failure is
+# checked again after _PROBE_RETRY seconds (it may have been a passing overload), a success is kept.
+_probe_result: dict[tuple, tuple[str | None, float]] = {}
+_PROBE_RETRY = 30.0
 
 
 _SELF_TEST = None  # set below, once TestedProgram exists
@@ -290,23 +332,26 @@ _SELF_TEST = None  # set below, once TestedProgram exists
 def isolation_available() -> tuple[bool, str]:
     """Whether the bubblewrap sandbox works on this machine, and if not, why (with how to fix it).
 
-    The check (once per process) runs a known-good tested program through the whole sandbox and
-    harness and requires ``"passed"``: a machine where anything the harness needs is missing (user
-    namespaces, ``ctypes`` for ``prctl``, the interpreter) is refused here, rather than scoring every
-    program 0."""
+    The check runs a known-good tested program through the whole sandbox and harness and requires
+    ``"passed"``: a machine where anything the harness needs is missing (user namespaces, ``ctypes``
+    for ``prctl``, the interpreter, the seccomp filter's architecture) is refused here, rather than
+    scoring every program 0. A success is kept for the life of the process; a failure is checked again
+    after 30 seconds."""
     try:
         python = sandbox_python()
         key = (python, os.geteuid(), UID_BASE)
         with _probe_lock:
-            if key not in _probe_result:
+            cached = _probe_result.get(key)
+            if cached is None or (cached[0] is not None and time.monotonic() - cached[1] > _PROBE_RETRY):
                 try:
                     result = _run(_SELF_TEST, SandboxLimits(wall_seconds=60), "bwrap")
-                    _probe_result[key] = None if result.passed else (
+                    reason = None if result.passed else (
                         f"a known-good program ended with {result.status!r} ({result.detail}); "
                         f"stderr: {result.stderr.strip()[-1000:]!r}")
                 except (OSError, subprocess.SubprocessError) as err:
-                    _probe_result[key] = f"bwrap could not be started: {err}"
-            reason = _probe_result[key]
+                    reason = f"bwrap could not be started: {err}"
+                _probe_result[key] = (reason, time.monotonic())
+            reason = _probe_result[key][0]
     except SandboxUnavailable as err:
         return False, str(err)
     if reason is not None:
@@ -350,11 +395,15 @@ def _user_process_count() -> int:
     return count
 
 
-def _drain(proc: subprocess.Popen, verdict_r: int, deadline: float, cap: int) -> tuple[bytes, bytes, bytes, str]:
+def _drain(proc: subprocess.Popen, verdict_r: int, deadline: float, cap: int,
+           info: tuple[int, bytearray] | None = None) -> tuple[bytes, bytes, bytes, str]:
     """Read the sandbox's output and verdict through pipes until they close, the wall clock runs out or
-    the output passes ``cap``; ``how`` is ``""``, ``"timeout"`` or ``"output_limit"``."""
+    the output passes ``cap``; ``how`` is ``""``, ``"timeout"`` or ``"output_limit"``. ``info``: bwrap's
+    information descriptor and the buffer to fill from it."""
     out, err, verdict = bytearray(), bytearray(), bytearray()
     targets = {proc.stdout.fileno(): (out, cap), proc.stderr.fileno(): (err, cap), verdict_r: (verdict, 1 << 16)}
+    if info is not None:
+        targets[info[0]] = (info[1], 1 << 12)
     how = ""
     with selectors.DefaultSelector() as sel:
         for fd in targets:
@@ -371,22 +420,64 @@ def _drain(proc: subprocess.Popen, verdict_r: int, deadline: float, cap: int) ->
                     continue
                 buf, limit = targets[key.fd]
                 buf += data[: max(0, limit - len(buf))]
-                if len(buf) >= limit and key.fd != verdict_r:
+                if len(buf) >= limit and key.fd in (proc.stdout.fileno(), proc.stderr.fileno()):
                     how = "output_limit"
     return bytes(out), bytes(err), bytes(verdict), how
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    """Kill the sandbox: ``bwrap`` first; its child (the harness, pid 1 of the sandbox) dies with it
-    (``--die-with-parent``), and with pid 1 the kernel ends every process of the namespace."""
+def _sandbox_pid(proc: subprocess.Popen, info: bytes) -> int | None:
+    """A descriptor (pidfd) of the sandbox's first process, the harness, from ``bwrap --info-fd``'s
+    ``child-pid``; ``None`` if unknown or already gone. Opened only while ``bwrap``, its parent, still
+    runs, and checked to be ``bwrap``'s child, so the number cannot name a reused process id."""
+    try:
+        pid = json.loads(info.decode("utf-8"))["child-pid"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    if type(pid) is not int or pid <= 0 or proc.poll() is not None or not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        parent = None
+    if parent != proc.pid:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def _kill(proc: subprocess.Popen, info: bytes = b"") -> None:
+    """End the sandbox and return once every process of it is gone. Killing ``bwrap`` alone would let
+    its child (the harness, pid 1 of the sandbox) die a little later (``--die-with-parent``); so the
+    harness is killed too and waited for: the kernel ends every process of a pid namespace before its
+    pid 1 has exited."""
     if proc.poll() is None:
+        pidfd = _sandbox_pid(proc, info)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
+            if pidfd is not None:
+                try:
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                except OSError:
+                    pass
             try:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
             except OSError:
-                pass
+                try:
+                    proc.kill()
+                except OSError:
+                    pass
+            proc.wait()
+            if pidfd is not None:
+                with selectors.DefaultSelector() as sel:
+                    sel.register(pidfd, selectors.EVENT_READ)  # readable once the process has exited
+                    sel.select(10.0)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
     proc.wait()
 
 
@@ -414,6 +505,7 @@ def _run(program: str | TestedProgram, limits: SandboxLimits, isolation: str,
     if isolation == "bwrap":
         python = sandbox_python()
         prefix, identity, cwd = _bwrap_args(python, limits), _identity(), "/"
+        seccomp = _seccomp_program()
     else:
         python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
         prefix, identity = [], {}
@@ -424,36 +516,48 @@ def _run(program: str | TestedProgram, limits: SandboxLimits, isolation: str,
     token = secrets.token_hex(32).encode("ascii")
     spec_fd = os.memfd_create("reweighting-sandbox-spec")
     verdict_r, verdict_w = os.pipe()
+    info_r, info_w = os.pipe() if isolation == "bwrap" else (-1, -1)
+    seccomp_fd = os.memfd_create("reweighting-sandbox-seccomp") if isolation == "bwrap" else -1
+    info = bytearray()
     try:
         data = _frames(spec, tests)
         while data:
             data = data[os.write(spec_fd, data):]
         os.lseek(spec_fd, 0, os.SEEK_SET)
+        passed_fds = [verdict_w, spec_fd]
+        if isolation == "bwrap":
+            os.write(seccomp_fd, seccomp)
+            os.lseek(seccomp_fd, 0, os.SEEK_SET)
+            prefix = prefix + ["--seccomp", str(seccomp_fd), "--info-fd", str(info_w)]
+            passed_fds += [seccomp_fd, info_w]
         args = prefix + [python, "-I", "-S", "-B", "-c", _HARNESS, str(verdict_w), str(spec_fd)]
         start = time.perf_counter()
         deadline = time.monotonic() + limits.wall_seconds
         proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=(verdict_w, spec_fd), cwd=cwd, env={"LANG": "C.UTF-8"},
+                                pass_fds=passed_fds, cwd=cwd, env={"LANG": "C.UTF-8"},
                                 start_new_session=True, **identity)
         os.close(verdict_w)
         verdict_w = -1
+        if info_w >= 0:
+            os.close(info_w)
+            info_w = -1
         try:
             try:
                 proc.stdin.write(token)
                 proc.stdin.close()
             except OSError:
                 pass
-            out, err, raw, how = _drain(proc, verdict_r, deadline, limits.max_output_bytes)
+            out, err, raw, how = _drain(proc, verdict_r, deadline, limits.max_output_bytes,
+                                        (info_r, info) if info_r >= 0 else None)
         finally:
-            _kill(proc)
+            _kill(proc, bytes(info))
             proc.stdout.close()
             proc.stderr.close()
         seconds = time.perf_counter() - start
     finally:
-        os.close(spec_fd)
-        os.close(verdict_r)
-        if verdict_w >= 0:
-            os.close(verdict_w)
+        for fd in (spec_fd, verdict_r, verdict_w, info_r, info_w, seccomp_fd):
+            if fd >= 0:
+                os.close(fd)
         if isolation != "bwrap":
             shutil.rmtree(cwd, ignore_errors=True)  # fd-based and symlink-safe on Linux
     stdout = out.decode("utf-8", errors="replace")
@@ -535,8 +639,16 @@ def humaneval_program(problem: dict, completion: str) -> TestedProgram:
 
 
 def code_reward(programs: Sequence[TestedProgram], limits: SandboxLimits | None = None, *, workers: int = 4,
-                isolation: str = "bwrap") -> list[float]:
-    """1.0 for each program whose tests the harness ran and saw pass (status ``"passed"``), else 0.0."""
+                isolation: str = "bwrap", trust_programs: bool = False) -> list[float]:
+    """1.0 for each program whose tests the harness ran and saw pass (status ``"passed"``), else 0.0.
+
+    ``isolation="none-unsafe"`` is refused unless ``trust_programs=True``: without the sandbox a
+    program can forge a pass (and do anything its user can), so the reward means nothing for
+    programs that are not trusted."""
+    if isolation == "none-unsafe" and trust_programs is not True:
+        raise ValueError("code_reward: isolation='none-unsafe' runs programs without any isolation, where a "
+                         "program can forge a pass; pass trust_programs=True only for programs you trust, or use "
+                         "isolation='bwrap'")
     programs = list(programs)
     for i, program in enumerate(programs):
         if not isinstance(program, TestedProgram):

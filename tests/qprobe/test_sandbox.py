@@ -3,6 +3,8 @@ test_sandbox_hostile.py."""
 
 import importlib.util
 import math
+import os
+import re
 import time
 from pathlib import Path
 
@@ -138,9 +140,118 @@ def test_unsafe_mode_is_explicit_and_still_judges_by_the_tests():
     # Only well-behaved programs here: this mode isolates nothing.
     right = humaneval_program(ADD, "    return a + b\n")
     exits = humaneval_program(ADD, "    return 0\nimport os\nos._exit(0)\n")
-    assert code_reward([right, exits], TIGHT, isolation="none-unsafe") == [1.0, 0.0]
+    assert code_reward([right, exits], TIGHT, isolation="none-unsafe", trust_programs=True) == [1.0, 0.0]
     with pytest.raises(ValueError, match="isolation"):
         run_program(right, TIGHT, isolation="none")
+    # Without the sandbox a program can forge its pass: the reward refuses the mode unless told to trust.
+    for trust in ({}, {"trust_programs": False}, {"trust_programs": 1}):
+        with pytest.raises(ValueError, match="trust_programs=True"):
+            code_reward([right], TIGHT, isolation="none-unsafe", **trust)
+
+
+@needs_sandbox
+def test_correct_results_of_builtin_subclasses_and_exception_subclasses_score_one():
+    # The reference harness compares in one process, where these all pass; here the program's process
+    # turns each into its built-in base (and an exception into its first built-in base class with its
+    # arguments) before anything crosses to the tests.
+    cases = {
+        "Counter": ("from collections import Counter\ndef f(s):\n    return Counter(s.split())\n",
+                    "assert c('a b a') == {'a': 2, 'b': 1}"),
+        "defaultdict": ("from collections import defaultdict\ndef f(s):\n    d = defaultdict(list)\n"
+                        "    d[s].append(1)\n    return d\n", "assert c('k') == {'k': [1]}"),
+        "OrderedDict": ("from collections import OrderedDict\ndef f(s):\n    return OrderedDict(b=1, a=2)\n",
+                        "assert list(c('').items()) == [('b', 1), ('a', 2)]"),
+        "namedtuple": ("from collections import namedtuple\nP = namedtuple('P', 'x y')\ndef f(s):\n"
+                       "    return [P(1, 2)]\n", "assert c('') == [(1, 2)] and type(c('')[0]) is tuple"),
+        "IntEnum": ("import enum\nclass E(enum.IntEnum):\n    A = 3\ndef f(s):\n    return {E.A: E.A}\n",
+                    "r = c('')\n    assert r == {3: 3} and type(list(r)[0]) is int"),
+        "str and float subclasses": ("class S(str):\n    def __str__(self):\n        return 'forged'\n"
+                                     "class F(float):\n    pass\ndef f(s):\n    return (S('ab'), F(0.5), True)\n",
+                                     "assert c('') == ('ab', 0.5, True) and type(c('')[2]) is bool"),
+        "ValueError subclass": ("class Bad(ValueError):\n    pass\ndef f(s):\n    raise Bad('no', 2)\n",
+                                "try:\n        c('')\n    except ValueError as e:\n        assert e.args == ('no', 2)\n"
+                                "        return\n    assert False"),
+        "KeyError arguments": ("def f(s):\n    return {}[s]\n",
+                               "try:\n        c('k')\n    except KeyError as e:\n        assert e.args == ('k',)\n"
+                               "        return\n    assert False"),
+    }
+    programs = [TestedProgram(source, f"def check(c):\n    {test}\n", "f") for source, test in cases.values()]
+    results = run_programs(programs, TIGHT)
+    assert {name: r.status for name, r in zip(cases, results)} == {name: "passed" for name in cases}, results
+    # Still no way to forge equality: a subclass is compared by its built-in value, an object is refused.
+    forged = ("class E(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+              "class A:\n    def __eq__(self, other):\n        return True\n"
+              "def f(s):\n    return E(0) if s else A()\n")
+    test = "def check(c):\n    assert c(SIDE) == 5\n"
+    results = run_programs([TestedProgram(forged, test.replace("SIDE", side), "f") for side in ("1", "0")], TIGHT)
+    assert [r.status for r in results] == ["failed", "failed"]
+    assert "AssertionError" in results[0].detail and "plain data" in results[1].detail
+    # Fraction and Decimal are no built-in type's subclass: refused, saying so (comparing them as floats
+    # would change what equality means).
+    refused = run_program(TestedProgram("from fractions import Fraction\ndef f():\n    return Fraction(1, 2)\n",
+                                        "def check(c):\n    assert c() == 0.5\n", "f"), TIGHT)
+    assert refused.status == "failed" and "Fraction cannot be passed" in refused.detail
+
+
+@needs_sandbox
+def test_the_kernel_interface_is_narrowed():
+    # The seccomp filter is loaded in the sandbox's processes, and /dev holds only the plain devices.
+    program = ("import os\nstatus = open('/proc/self/status').read()\n"
+               "print(status.split('Seccomp:')[1].split()[0], status.split('NoNewPrivs:')[1].split()[0])\n"
+               "print(' '.join(sorted(os.listdir('/dev'))))\n"
+               "import socket\nsocket.socket().close()\nsocket.socket(socket.AF_INET6).close()\n"
+               "socket.socketpair()\nimport resource\nresource.setrlimit(resource.RLIMIT_NOFILE, (20, 20))\n"
+               "print(resource.prlimit(0, resource.RLIMIT_NOFILE))\n")
+    result = run_program(program, TIGHT)
+    assert result.status == "completed", result
+    assert result.stdout.splitlines() == ["2 1", "fd full null random stderr stdin stdout urandom zero", "(20, 20)"]
+
+
+@needs_sandbox
+def test_the_limit_watcher_fails_closed(monkeypatch):
+    # Were the seccomp filter to let a program lower the harness's own limits (an allow-all filter
+    # here), the watcher sees it, or fails on its next look at /proc: the run fails, it is not a pass.
+    import struct
+
+    monkeypatch.setattr(sandbox, "_seccomp_program", lambda: struct.pack("=HBBI", 0x06, 0, 0, 0x7FFF0000))
+    program = humaneval_program(ADD, "    return a + b\nimport resource, time\n"
+                                     "resource.prlimit(1, resource.RLIMIT_NOFILE, (0, 0))\ntime.sleep(0.2)\n"
+                                     "for i in range(3000):\n    open(f'/tmp/f{i}', 'w').close()\n")
+    result = run_program(program, SandboxLimits(wall_seconds=6.0, cpu_seconds=2, max_processes=8, max_files=2000))
+    assert result.status == "failed", result
+    assert result.detail in ("the harness's own limits were changed", "the limit watcher stopped") or \
+        result.detail.startswith("the limit watcher failed"), result
+
+
+def test_seccomp_tables_match_the_kernel_headers():
+    from reweighting.qprobe import _seccomp
+
+    headers = {"x86_64": Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h"),
+               "aarch64": Path("/usr/include/asm-generic/unistd.h")}
+    checked = 0
+    for arch, path in headers.items():
+        if not path.exists():
+            continue
+        text = path.read_text()
+        for name, number in _seccomp.SYSCALLS[arch].items():
+            assert re.search(rf"^#define __NR_{name}\s+{number}$", text, re.M), (arch, name, number)
+            checked += 1
+    if not checked:
+        pytest.skip("no kernel headers to compare with")
+    assert set(_seccomp.DENIED) < set(_seccomp.SYSCALLS["x86_64"]) == set(_seccomp.SYSCALLS["aarch64"])
+    for machine in ("x86_64", "aarch64", "arm64"):
+        assert len(_seccomp.seccomp_filter(machine)) % 8 == 0
+    with pytest.raises(ValueError, match="riscv64"):
+        _seccomp.seccomp_filter("riscv64")
+
+
+def test_an_unknown_architecture_refuses_to_run_unfiltered(monkeypatch):
+    monkeypatch.setattr(sandbox._seccomp.platform, "machine", lambda: "s390x")
+    monkeypatch.setattr(sandbox, "_probe_result", {})
+    ok, reason = isolation_available()
+    assert not ok and "s390x" in reason and "without the filter" in reason
+    with pytest.raises(SandboxUnavailable, match="s390x"):
+        run_program(humaneval_program(ADD, "    return a + b\n"), TIGHT)
 
 
 def test_missing_bubblewrap_is_a_clear_error(monkeypatch):
@@ -176,9 +287,74 @@ def test_a_broken_harness_is_refused_not_scored_zero(monkeypatch):
     with pytest.raises(SandboxUnavailable, match="known-good program"):
         code_reward([humaneval_program(ADD, "    return a + b\n")])
 
+def _live_processes_of(uid: int) -> list[str]:
+    """Processes of ``uid`` that are not zombies (a zombie has ended and holds nothing but its pid)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                state = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if entry.stat().st_uid == uid and state != "Z":
+                    found.append(entry.name)
+            except (OSError, IndexError):
+                pass
+    return found
+
+
+@needs_sandbox
+def test_a_run_returns_only_once_its_processes_are_gone(monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox's processes are told apart by its dedicated uid only when running as root")
+    monkeypatch.setattr(sandbox, "UID_BASE", 63000 + os.getpid() % 1000)
+    # Four busy processes, ended by the wall clock, then four printing ones, ended by the output limit.
+    hogs = "import os\nfor _ in range(3):\n    if os.fork() == 0:\n        break\nwhile True:\n    BODY\n"
+    for body, limits, status in (
+            ("pass", SandboxLimits(wall_seconds=1.5, cpu_seconds=5, max_processes=8), "timeout"),
+            ("print('x' * 100, flush=True)", SandboxLimits(wall_seconds=5, max_processes=8, max_output_bytes=1000),
+             "output_limit")):
+        assert run_program(hogs.replace("BODY", body), limits).status == status
+        assert _live_processes_of(sandbox.UID_BASE) == []
+
+
+@needs_sandbox
+def test_a_failed_probe_is_checked_again_later(monkeypatch):
+    monkeypatch.setattr(sandbox, "_probe_result", {})
+    real = sandbox._bwrap
+    monkeypatch.setattr(sandbox, "_bwrap", lambda: "/bin/false")
+    assert not isolation_available()[0]
+    monkeypatch.setattr(sandbox, "_bwrap", real)
+    assert not isolation_available()[0]  # a failure is kept for a while
+    (key, (reason, when)), = sandbox._probe_result.items()
+    sandbox._probe_result[key] = (reason, when - sandbox._PROBE_RETRY - 1)
+    assert isolation_available() == (True, "")
+    monkeypatch.setattr(sandbox, "_bwrap", lambda: "/bin/false")
+    assert isolation_available() == (True, "")  # a success is kept
+
+
+def test_a_bad_sandbox_uid_is_refused(monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox's own uid is used only when running as root")
+    for bad in (0, 999, 65534, "61000x", 2 ** 31):
+        monkeypatch.setattr(sandbox, "UID_BASE", bad)
+        ok, reason = isolation_available()
+        assert not ok and "REWEIGHTING_SANDBOX_UID_BASE" in reason and repr(bad) in reason
+        with pytest.raises(SandboxUnavailable, match="REWEIGHTING_SANDBOX_UID_BASE"):
+            run_program(humaneval_program(ADD, "    return a + b\n"), TIGHT)
+
+
 def test_inputs_are_validated():
     with pytest.raises(ValueError, match="wall_seconds"):
         SandboxLimits(wall_seconds=0)
+    with pytest.raises(ValueError, match="finite"):
+        SandboxLimits(wall_seconds=float("inf"))
+    with pytest.raises(ValueError, match="finite"):
+        SandboxLimits(wall_seconds=float("nan"))
+    for name in ("cpu_seconds", "max_output_bytes", "memory_bytes", "max_files"):
+        with pytest.raises(ValueError, match=rf"{name} must be an int > 0.*0\.5"):
+            SandboxLimits(**{name: 0.5})
+        with pytest.raises(ValueError, match=name):
+            SandboxLimits(**{name: True})
+    assert SandboxLimits(wall_seconds=1).wall_seconds == 1
     with pytest.raises(ValueError, match="max_processes"):
         SandboxLimits(max_processes=1)
     with pytest.raises(ValueError, match="max_disk_bytes"):

@@ -296,6 +296,41 @@ def _hostile_programs(env: dict) -> dict[str, tuple[str, str]]:
             WRONG + "import os\ni = 0\nwhile True:\n    open(f'f{i}', 'w').close()\n    i += 1\n",
             "max_files ends it; the files vanish with the sandbox's tmpfs"),
         "infinite loop in the function": ("    while True:\n        pass\n", "RLIMIT_CPU"),
+        # ---- the kernel interface beyond the namespaces (the seccomp filter)
+        "AF_VSOCK socket": (
+            "    return a + b if OPENED else a - b\nimport socket\nOPENED = []\n"
+            "for family, kind in ((40, socket.SOCK_STREAM), (16, socket.SOCK_RAW)):\n"  # AF_VSOCK, AF_NETLINK
+            "    try:\n        socket.socket(family, kind).close()\n        OPENED.append(family)\n"
+            "    except OSError:\n        pass\nprint('opened', OPENED)\n",
+            "vsock is not confined by the network namespace: scores 1 only if such a socket opens"),
+        "System V shared memory, queues and semaphores": (
+            "    return a + b if MADE else a - b\nimport ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "MADE = [name for name, ident in (('shm', libc.shmget(0, 1 << 20, 0o1600)),\n"
+            "    ('msg', libc.msgget(0, 0o1600)), ('sem', libc.semget(0, 1, 0o1600))) if ident >= 0]\n"
+            "print('made', MADE)\n",
+            "SysV memory is in no process and outside every limit: scores 1 only if a segment is made"),
+        "kernel attack surface: io_uring, userfaultfd, keys, memfd, ptys": (
+            "    return a + b if OPENED else a - b\nimport ctypes, os, platform\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\nlibc.syscall.restype = ctypes.c_long\n"
+            "nr = {'x86_64': {'uffd': 323, 'add_key': 248, 'perf': 298, 'bpf': 321},\n"
+            "      'aarch64': {'uffd': 282, 'add_key': 217, 'perf': 241, 'bpf': 280}}.get(platform.machine(), {})\n"
+            "params = ctypes.create_string_buffer(120)\nOPENED = []\n"
+            "calls = [('io_uring', lambda: libc.syscall(425, 4, params))]\n"
+            "if nr:\n    calls += [('userfaultfd', lambda: libc.syscall(nr['uffd'], 1)),\n"  # UFFD_USER_MODE_ONLY
+            "              ('add_key', lambda: libc.syscall(nr['add_key'], b'user', b'k', b'v', 1, -2)),\n"
+            "              ('bpf', lambda: libc.syscall(nr['bpf'], 0, params, 72))]\n"
+            "for name, call in calls:\n    if call() >= 0:\n        OPENED.append(name)\n"
+            "for name, opener in (('memfd', lambda: os.memfd_create('m')),\n"
+            "                     ('ptmx', lambda: os.open('/dev/ptmx', os.O_RDWR))):\n"
+            "    try:\n        opener()\n        OPENED.append(name)\n    except OSError:\n        pass\n"
+            "print('opened', OPENED)\n",
+            "these are denied by the seccomp filter or absent from /dev: scores 1 only if one works"),
+        "lower the harness's limits to stop its watcher, then a file bomb": (
+            RIGHT + "import resource, time\ntry:\n    resource.prlimit(1, resource.RLIMIT_NOFILE, (0, 0))\n"
+            "except OSError as err:\n    print('prlimit refused', err, flush=True)\ntime.sleep(0.1)\n"
+            "for i in range(3000):\n    open(f'/tmp/f{i}', 'w').close()\n",
+            "no process may change the harness's limits, whose watcher fails closed: a correct answer that scores 1 "
+            "only if the file limit is not enforced"),
         "sleep forever": ("    import time\n    time.sleep(10**6)\n", "the wall clock"),
     }
 
@@ -376,6 +411,8 @@ def test_limits_name_how_runs_ended(hostile_run):
     assert results["sleep forever"].status == "timeout"
     assert results["disk bomb: many small files"].status == "file_limit"
     assert results["memory spread over many processes"].status == "memory_limit"
+    assert results["lower the harness's limits to stop its watcher, then a file bomb"].status == "file_limit"
+    assert "prlimit refused" in results["lower the harness's limits to stop its watcher, then a file bomb"].stdout
     assert results["output bomb"].status == "output_limit"
     assert len(results["output bomb"].stdout) <= TIGHT.max_output_bytes
     assert "MemoryError" in results["memory bomb"].detail
@@ -415,7 +452,7 @@ def test_no_process_remains_and_a_correct_program_still_scores_one(hostile_run):
 _UNPRIVILEGED_SCRIPT = r'''
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
-import sandbox
+from sandbox_copy import sandbox
 prompt = 'def add(a, b):\n    """Return a + b."""\n'
 test = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
 owned, port, secret = sys.argv[2], int(sys.argv[3]), os.environ["REWEIGHTING_TEST_SECRET"]
@@ -451,8 +488,10 @@ def test_hostile_programs_from_an_unprivileged_evaluator(tmp_path):
     shared = Path(tempfile.mkdtemp(prefix="reweighting-unpriv-test-"))
     try:
         shared.chmod(0o755)
-        for name in ("sandbox.py", "_harness.py"):
-            shutil.copy(Path(sandbox.__file__).with_name(name), shared / name)
+        (shared / "sandbox_copy").mkdir(mode=0o755)
+        (shared / "sandbox_copy" / "__init__.py").write_text("")
+        for name in ("sandbox.py", "_harness.py", "_seccomp.py"):
+            shutil.copy(Path(sandbox.__file__).with_name(name), shared / "sandbox_copy" / name)
         (shared / "run.py").write_text(_UNPRIVILEGED_SCRIPT)
         writable = shared / "writable"
         writable.mkdir()
