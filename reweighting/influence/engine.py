@@ -15,7 +15,10 @@ respect to the layer *outputs* only, which skips every weight-gradient product o
 backward, and turns the inputs and output gradients into per-sample norms layer by layer
 (METHODS.md section 2: the ghost form ``sum((A_i A_i^T) * (G_i G_i^T))`` or the materialised
 ``A_i^T G_i``, whichever is cheaper). A parameter shared between modules (tied embeddings) has its
-uses' per-sample gradients summed before the norm, so the cross terms are exact.
+uses' per-sample gradients summed before the norm, so the cross terms are exact. Each layer's
+output gradient is turned into its factors by a gradient hook as soon as autograd computes it
+(the engine holds where each output entered the graph, not the output), so that the working
+memory stays near a plain backward's.
 
 ``weighted_backward`` forms ``sum_i w_i A_i^T G_i`` (and the bias, embedding and LayerNorm
 analogues) from the same stored tensors and adds it to ``.grad`` without a second backward pass.
