@@ -67,10 +67,12 @@ def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, check: bool
     _check_labels(labels, logits.shape[1])
     x = logits.detach()
     bad = ~torch.isfinite(x).all(1)
-    if bool(bad.any()):
+    # One host read for both value checks.
+    like_probabilities = ((x >= 0) & (x <= 1)).all() & ((x.double().sum(1) - 1).abs() <= 1e-4).all()
+    any_bad, like_probabilities = torch.stack([bad.any(), like_probabilities]).tolist()
+    if any_bad:
         raise ValueError(f"logits have NaN or infinite values at sample indices {describe_indices(bad)}")
-    if probability_check and bool(((x >= 0) & (x <= 1)).all()) and bool(
-            ((x.double().sum(1) - 1).abs() <= 1e-4).all()):
+    if probability_check and like_probabilities:
         raise ValueError(
             "logits look like probabilities (every row is in [0, 1] and sums to 1): these losses take the "
             "classifier's raw logits (before softmax); pass the logits, or log-probabilities (log of "
