@@ -14,13 +14,27 @@ namespaces (``--unshare-all --unshare-user``), no capabilities, no nested user n
 (``--disable-userns``), a new session, no environment (``--clearenv``). Its file system is built
 from nothing: ``/usr`` (and the ``/bin``, ``/lib``, ``/lib64``, ``/sbin`` links into it), the
 interpreter's installation, ``/etc/ld.so.cache``, all read-only; a new ``/proc`` of its own pid
-namespace and a minimal ``/dev``, read-only; a private working directory and a private ``/tmp``,
-each a tmpfs of at most ``max_disk_bytes``; the root itself read-only. Nothing of the host's
-``/etc``, ``/home``, ``/root``, ``/tmp``, ``/run`` or working tree is visible; nothing is written
-on the host's disk, so nothing needs removing afterwards. The network namespace has only its own
-loopback. Its processes cannot see or signal any process outside (pid namespace); when its first
-process ends the kernel ends all of them, and that process dies with ``bwrap``
-(``--die-with-parent``), which the evaluator kills at the wall-clock limit.
+namespace and a ``/dev`` with only ``null``, ``zero``, ``full``, ``random``, ``urandom`` and the
+``fd``/``stdin``/``stdout``/``stderr`` links (no pseudo-terminals, no ``/dev/shm``), read-only; a
+private working directory and a private ``/tmp``, each a tmpfs of at most ``max_disk_bytes``; the
+root itself read-only. Nothing of the host's ``/etc``, ``/home``, ``/root``, ``/tmp``, ``/run`` or
+working tree is visible; nothing is written on the host's disk, so nothing needs removing
+afterwards. The network namespace has only its own loopback. Its processes cannot see or signal
+any process outside (pid namespace); when its first process ends the kernel ends all of them. At
+the wall-clock limit (or any other end of the run) the evaluator kills that process and ``bwrap``
+and waits until the process has exited, so a run returns only once all its processes are gone.
+
+A seccomp filter (``bwrap --seccomp``, built by :mod:`._seccomp` for x86_64 or aarch64; on any
+other machine the sandbox refuses to start rather than run without it) narrows the kernel interface
+of every process in the sandbox, the harness included: sockets only of the ``AF_UNIX``,
+``AF_INET`` and ``AF_INET6`` families (``AF_VSOCK``, which network namespaces do not confine and
+which reaches the hypervisor and the guest's vsock services in a virtual machine, and
+``AF_NETLINK`` are refused with ``EAFNOSUPPORT``); no System V shared memory, message queues or
+semaphores (memory no process owns, outside every limit) and no ``memfd_create`` (memory outside
+the resident-memory poll); no io_uring, userfaultfd, key rings, ``perf_event_open``, ``bpf``,
+``ptrace``, ``process_vm_*``, ``pidfd_getfd``, namespaces, mounts, module or kexec loading, or
+file handles (``EPERM``); ``prlimit`` only on the calling process itself, so no process can change
+the harness's limits; a system call of another ABI (32-bit x86) kills the process.
 
 As root, the evaluator first drops to a dedicated unprivileged user and group id (``UID_BASE``)
 before starting ``bwrap``, so that inside the sandbox nobody is root outside it: ownership bits of
@@ -38,12 +52,15 @@ pipes (read with caps), no lock file or working directory is made on the host, a
 all end with the sandbox's pid namespace, so there is nothing to clean up.
 
 Limits set before any program code runs, which the program cannot raise: CPU seconds per process
-(``RLIMIT_CPU``), address space per process (``RLIMIT_AS``), processes (``RLIMIT_NPROC``), size of
-one file (``RLIMIT_FSIZE``), open files, no core dumps; bytes written in all (two tmpfs of
-``max_disk_bytes``); files, directories and links on them (``max_files``: the harness polls the
-two file systems' inode counts every 10 ms and ends the run beyond it); the resident memory of all
-the sandbox's processes together (``memory_bytes`` again, polled the same way); standard output and
-error (read through pipes and capped at ``max_output_bytes`` each: more ends the run); the wall clock.
+(``RLIMIT_CPU``), address space per process (``RLIMIT_AS``), tasks (``RLIMIT_NPROC``: processes and
+threads of the sandbox, the harness's process and watcher thread and the program's first process
+included), size of one file (``RLIMIT_FSIZE``), open files per process, no core dumps; bytes
+written in all (two tmpfs of ``max_disk_bytes``); inodes on them (``max_files``: files,
+directories, symbolic and hard links; the harness's watcher thread polls the two file systems'
+inode counts every 10 ms and ends the run beyond it); the resident memory of all the sandbox's
+processes together (``memory_bytes`` again, polled the same way); standard output and error (read
+through pipes and capped at ``max_output_bytes`` each: more ends the run); the wall clock. The
+watcher fails closed: if its own limits change or it cannot read what it polls, the run fails.
 
 The verdict
 -----------
@@ -63,6 +80,25 @@ only after ``C`` exists, and writes it with the verdict once the tests have retu
 counts a pass only for the exact token and ``"passed"``: an early exit (``os._exit``,
 ``sys.exit``, ``atexit``), a signal, a crash of either process, a timeout or any limit is a 0.
 
+The program's results are turned into plain data in its own process: an instance of a subclass of
+one of those types becomes its built-in base, read through the base type's own methods
+(``namedtuple`` -> ``tuple``; ``Counter``, ``OrderedDict``, ``defaultdict`` -> ``dict``; ``IntEnum``
+-> ``int``; a ``str``, ``float``, ``list``, ... subclass -> the built-in value), so its overrides
+(``__eq__``, ``__str__``) stay behind; ``bool`` stays ``bool``. Other objects, ``Fraction`` and
+``Decimal`` included, are refused (the test fails, ``detail`` says which type): comparing them as
+floats would change what equality means. An exception the program raises reaches the tests as the
+first built-in ``Exception`` class among its bases (a ``class E(ValueError)`` as ``ValueError``),
+with its arguments when they are plain data (else its text), so ``except ValueError`` and
+``e.args`` work as in one process; ``BaseException``-only ones (``SystemExit``, ...) fail the run.
+
+Differences from running the tests in the program's process (the reference HumanEval harness),
+none of which any of HumanEval's 164 tests meets: arguments are copies, so a test that looks at an
+argument the function changed in place sees it unchanged; arguments that are not plain data
+(functions, generators, ``range``) cannot be sent and fail the test; a ``nan`` comes back as a new
+object, so tests relying on its identity (``[x] == [x]``) fail; as root the sandbox's interpreter
+is a system ``python3`` run with ``-I -S``, so third-party packages (numpy, ...) are not importable;
+a correct program that prints more than ``max_output_bytes`` fails with ``"output_limit"``.
+
 A plain source string is still accepted by :func:`run_program`; it runs in the same sandbox, and
 its best status is ``"completed"``: it ran to the end without raising. That verdict comes from the
 program's own process and a hostile program can forge it, so :func:`code_reward` refuses plain
@@ -70,23 +106,38 @@ strings.
 
 Limits of this design, honestly
 -------------------------------
-- It relies on the Linux kernel and bubblewrap: a kernel bug reachable from an unprivileged user
-  namespace is an escape. No seccomp filter narrows the system calls.
+- It relies on the Linux kernel and bubblewrap: a kernel bug reachable through the system calls the
+  filter allows (file systems, sockets of the three families, pipes, signals, ...) from an
+  unprivileged user namespace is an escape. The filter is a deny list, not an allow list.
 - There is no cgroup. Memory is bounded per process by ``RLIMIT_AS`` (a hard fence) and for the
   whole sandbox by polling: every 10 ms the harness sums the resident memory of the sandbox's
   processes (shared pages once per process) and ends the run beyond ``memory_bytes``, so a fast
-  allocator can overshoot that sum briefly; the hard bound stays ``max_processes * memory_bytes``
-  plus the two tmpfs. The file count is polled the same way, so a program overshoots ``max_files``
-  by what it creates in 10 ms (a few thousand), and hard links (names without new inodes) are not
-  counted: their kernel memory is bounded only by the CPU and wall-clock limits, and freed with the
-  sandbox.
+  allocator can overshoot that sum briefly. The hard bound is ``max_processes * memory_bytes`` plus
+  the two tmpfs (``2 * max_disk_bytes``) plus kernel memory that belongs to no process's address
+  space: buffers of pipes and of unix and loopback sockets, at most the kernel's per-pipe and
+  per-socket maxima (``fs.pipe-max-size``, ``net.core.rmem_max``/``wmem_max``,
+  ``net.ipv4.tcp_rmem``/``tcp_wmem``) for each of up to ``max_processes * max_open_files``
+  descriptors, and machine-wide at most ``fs.pipe-user-pages-soft`` per user and
+  ``net.ipv4.tcp_mem``; page tables and the inodes of up to ``max_files`` files. System V IPC and
+  memfd, which held gigabytes outside every limit, are refused by the filter. The file count is
+  polled the same way, so a program overshoots ``max_files`` by what it creates in 10 ms (a few
+  thousand).
 - CPU is limited per process, not per sandbox: ``max_processes`` busy processes use that many times
-  ``cpu_seconds`` within ``wall_seconds``.
+  ``cpu_seconds`` within ``wall_seconds``. Concurrent runs share the CPUs: where the kernel does not
+  group each session's processes (``kernel.sched_autogroup_enabled``), a run's busy processes can
+  slow a neighbour's correct program past its ``wall_seconds``.
 - The program sees the read-only ``/usr`` (world-readable system files) and can read what it is
   sent: the arguments the tests call it with. It cannot see the tests' source or expected values.
+  Its ``/proc`` shows the host's ``meminfo``, ``stat``, ``loadavg`` and ``cmdline``: a side channel
+  on the machine's load, not a way to reach anything.
+- Without root, the sandbox's processes have the caller's user id outside the sandbox (bubblewrap
+  maps it), and the machine-wide per-user budgets (pipe pages, ...) are the caller's.
 - ``isolation="none-unsafe"`` runs the same two-process harness with the limits but without any
-  namespace: the program can read, write and signal whatever the caller's user can. It exists for
-  machines without user namespaces where the programs are trusted; never use it for generated code.
+  namespace or filter: the program can read, write and signal whatever the caller's user can,
+  including the harness's memory and verdict descriptor, so it can forge a pass, and as root it
+  runs as root. It exists for machines without user namespaces where the programs are trusted;
+  :func:`code_reward` refuses it unless called with ``trust_programs=True``. Never use it for
+  generated code.
 """
 
 from __future__ import annotations
