@@ -159,3 +159,17 @@ def test_run_study_fixes_threads_and_restores_them(tmp_path):
     run_study(study, out_dir=tmp_path, show_progress=False)
     assert seen["threads"] == 1 and seen["draw"] == first  # the global generator is seeded per study
     assert torch.get_num_threads() == before and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_cpu_seconds_count_worker_processes(tmp_path):
+    import subprocess
+    import sys
+
+    def run(ctx):
+        # the work happens in a child process, as in a study's worker pool
+        subprocess.run([sys.executable, "-c", "sum(range(20_000_000))"], check=True)
+        return StudyOutcome(methods={"a": [1.0]}, holds=True, config={})
+
+    r = run_study(Study(name="toy-cpu", claim="c", metric="m", lower_is_better=False, run=run), out_dir=tmp_path,
+                  show_progress=False)
+    assert r["cpu_seconds"] > 0.1

@@ -264,6 +264,12 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished child processes (a study's worker pool), user + system."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 @contextlib.contextmanager
 def deterministic(threads: int):
     """Fixed intra-op thread count, seeded global generators and deterministic torch kernels for the
@@ -319,10 +325,10 @@ def run_study(
     folder.mkdir(parents=True, exist_ok=True)
     context = StudyContext(quick=quick, seeds=list(range(n)), out_dir=folder, device=torch.device(device),
                            show_progress=show_progress)
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     with deterministic(study.threads):
         outcome = study.run(context)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu_start
     if not isinstance(outcome, StudyOutcome):
         raise TypeError(f"study {study.name!r} returned {type(outcome).__name__}, expected StudyOutcome")
     if not outcome.methods:
