@@ -365,8 +365,8 @@ def _identity() -> dict:
     uid = UID_BASE
     # Below 1000 are root and the system's accounts; 65534 is "nobody", which other services use.
     if isinstance(uid, bool) or not isinstance(uid, int) or not 1000 <= uid < 2 ** 31 - 1 or uid == 65534:
-        raise SandboxUnavailable(f"REWEIGHTING_SANDBOX_UID_BASE must be a user id from 1000 to 2**31 - 2, "
-                                 f"other than 65534, that no account uses, got {uid!r}")
+        raise SandboxUnavailable(f"REWEIGHTING_SANDBOX_UID_BASE must be a user id from 1000 to 2**31 - 2 other "
+                                 f"than 65534 (pick one that no account uses), got {uid!r}")
     return {"user": uid, "group": uid, "extra_groups": []}
 
 
