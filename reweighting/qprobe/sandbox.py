@@ -22,7 +22,9 @@ working tree is visible; nothing is written on the host's disk, so nothing needs
 afterwards. The network namespace has only its own loopback. Its processes cannot see or signal
 any process outside (pid namespace); when its first process ends the kernel ends all of them. At
 the wall-clock limit (or any other end of the run) the evaluator kills that process and ``bwrap``
-and waits until the process has exited, so a run returns only once all its processes are gone.
+and waits until the process has exited, so a run returns only once all its processes are gone
+(the harness's process may stay a zombie, holding nothing but its process id, until the system's
+init reaps it).
 
 A seccomp filter (``bwrap --seccomp``, built by :mod:`._seccomp` for x86_64 or aarch64; on any
 other machine the sandbox refuses to start rather than run without it) narrows the kernel interface
