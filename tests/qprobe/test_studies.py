@@ -56,3 +56,17 @@ def test_health_check_on_a_broken_and_a_healthy_toy():
     assert baseline_health([float(rewards.mean())], [float(rewards.max(1).values.mean())], 8).healthy
     # always right: no room for a choice either
     assert not baseline_health([1.0], [1.0], 8).healthy
+
+
+def test_keeps_improving_is_judged_at_every_step_from_the_middle_k():
+    from dataclasses import replace
+
+    from reweighting.studies.qprobe import FULL, OBJECTIVES, TUNED, claim_parts
+
+    cfg = replace(FULL, ks=(1, 2, 4, 8, 16, 48))
+    curve = {1: 0.3, 2: 0.4, 4: 0.5, 8: 0.6, 16: 0.62, 48: 0.61}  # peaks at 16
+    runs = [{"baseline": 0.3, "probes": {n: {TUNED: dict(curve)} for n in OBJECTIVES}}]
+    steps = {p.name: p for p in claim_parts(cfg, runs) if "improves" in p.name}
+    assert set(steps) == {"L_PG improves from k=8 to k=16", "L_PG improves from k=16 to k=48"}
+    assert steps["L_PG improves from k=8 to k=16"].verdict == "holds"
+    assert steps["L_PG improves from k=16 to k=48"].verdict == "does not hold"  # 8 -> 48 alone would hide it
