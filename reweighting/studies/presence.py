@@ -510,7 +510,8 @@ STUDY = Study(
     run=_run,
     seeds=3,
     quick_seeds=1,
-    description="PRESENCE (self-influence reweighting) vs uniform on a byte-level GPT with 30% token-permuted data",
+    description="PRESENCE vs uniform on a byte-level GPT with 30% corrupted windows, after an AUROC table of "
+                "self-influence per corruption and choice of K",
 )
 
 __all__ = ["STUDY", "Config", "FULL", "QUICK", "SMOKE", "run_with", "train", "load_data", "auroc", "permute_words",
