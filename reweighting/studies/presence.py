@@ -12,8 +12,13 @@ the paper restricts it to the first layers; from :class:`SelfInfluence`):
 ``uniform`` (plain mean), ``direct`` (tau = +1 throughout), ``inverse`` (tau = -1 throughout),
 ``presence`` (+1 for the first 10% of steps, then -1) and ``inverse-then-direct`` (the reverse).
 
-Self-influence of clean and corrupted windows is measured offline with each seed's final uniform
-model (:func:`score_dataset`), with the AUROC of SI for telling corrupted from clean.
+The method assumes that self-influence flags noisy samples, so that assumption is measured first
+(:func:`assumption_table`): the AUROC of SI for telling corrupted from clean windows, for four
+corruptions (permuted tokens, random bytes, shuffled continuations, near-duplicates) and three
+choices of K (the first block, all parameters, micro-batch units of 4 windows). The methods are
+then compared on the study's own setting and on the one where the assumption holds best; the
+verdict is on both. Self-influence of clean and corrupted windows is also measured offline with
+each seed's final uniform model (:func:`score_dataset`).
 """
 
 from __future__ import annotations
