@@ -8,6 +8,8 @@ import reweighting as rw
 from reweighting.sampler import AliasTable, DistributedWeightedSampler
 from reweighting.testing import launch
 
+from .distributed import sampler_workers
+
 
 def _shards(weights, world, **kwargs):
     return [list(DistributedWeightedSampler(weights, num_replicas=world, rank=r, **kwargs)) for r in range(world)]
@@ -185,15 +187,10 @@ def test_lazy_exports():
     assert rw.AliasTable is AliasTable and rw.DistributedWeightedSampler is DistributedWeightedSampler
 
 
-def _draw_on_rank(rank, world):
-    sampler = DistributedWeightedSampler(torch.arange(1.0, 31.0), num_samples=45, seed=11, chunk_size=8)
-    sampler.set_epoch(2)
-    return sampler.num_replicas, sampler.rank, list(sampler)
-
-
 @pytest.mark.distributed
 def test_ranks_of_a_real_process_group_share_one_draw():
-    results = launch(_draw_on_rank, 2)
+    # The workers import a light module (not this one, with scipy): less to start on a loaded machine.
+    results = launch(sampler_workers.draw_on_rank, 2)
     assert [(w, r) for w, r, _ in results] == [(2, 0), (2, 1)]
     single = DistributedWeightedSampler(torch.arange(1.0, 31.0), num_samples=45, seed=11, chunk_size=8)
     single.set_epoch(2)
