@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["time_interleaved", "median_ratio", "write_results", "print_table"]
+__all__ = ["time_interleaved", "median_ratio", "write_results", "print_table", "status_bytes", "reset_peak_rss",
+           "peak_rss_growth_mib"]
 
 
 def time_interleaved(
@@ -64,3 +65,30 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
             v = row.get(c, "")
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         print("| " + " | ".join(cells) + " |")
+
+
+def status_bytes(field: str) -> int:
+    """A size field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...) in bytes (Linux only)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def reset_peak_rss() -> None:
+    """Reset the peak resident size (``VmHWM``) to the current one (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_growth_mib(fn: Callable[[], Any]) -> float:
+    """How far the peak resident size rises above the current one while ``fn()`` runs, in MiB.
+
+    Torch's CPU allocations are invisible to ``tracemalloc``; the kernel's high-water mark sees them.
+    Run it in a fresh process per case, so that memory freed by an earlier case does not hide a peak.
+    """
+    before = status_bytes("VmRSS")
+    reset_peak_rss()
+    fn()
+    return (status_bytes("VmHWM") - before) / 2**20

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks import median_ratio, print_table, time_interleaved, write_results
+from benchmarks import median_ratio, peak_rss_growth_mib, print_table, time_interleaved, write_results
 
 BATCH = 4
 SEQ_LEN = 512
@@ -73,25 +73,12 @@ def _step(variant: str, dtype: str, hidden, weight, targets) -> Callable[[], Non
     return run
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _child(variant: str, dtype: str, vocab: int, seq_len: int) -> None:
     """In a fresh process: peak RSS growth (MiB) of one forward + backward, printed as JSON."""
     torch.set_num_threads(1)
     hidden, weight, targets = _inputs(vocab, seq_len)
     run = _step(variant, dtype, hidden, weight, targets)
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    run()
-    peak = _status_kib("VmHWM")
-    print(json.dumps({"peak_mib": (peak - before) / 1024}))
+    print(json.dumps({"peak_mib": peak_rss_growth_mib(run)}))
 
 
 def peak_memory_mib(variant: str, dtype: str, vocab: int, seq_len: int) -> float:

@@ -28,7 +28,7 @@ import time
 import torch
 from torch.utils.data import WeightedRandomSampler
 
-from benchmarks import median_ratio, print_table, time_interleaved, write_results
+from benchmarks import median_ratio, print_table, reset_peak_rss, status_bytes, time_interleaved, write_results
 from reweighting.sampler import AliasTable, DistributedWeightedSampler
 
 MULTINOMIAL_LIMIT = 2**24
@@ -43,27 +43,14 @@ def _consume(iterable) -> None:
         pass
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
-def _reset_peak() -> None:
-    """Reset the peak resident size (VmHWM) to the current one (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
 
 def _memory_child(variant: str, n: int, m: int, queue) -> None:
     torch.set_num_threads(1)
     weights = make_weights(n)
     if variant == "WeightedRandomSampler":
         weights = weights.double()  # it converts to float64 itself; count that copy as the input
-    _reset_peak()
-    base = _status_bytes("VmRSS")
+    reset_peak_rss()
+    base = status_bytes("VmRSS")
     kept = 0
     if variant == "multinomial":
         draw = lambda: torch.multinomial(weights, m, replacement=True)  # noqa: E731
@@ -79,10 +66,10 @@ def _memory_child(variant: str, n: int, m: int, queue) -> None:
         sampler = DistributedWeightedSampler(weights, num_samples=m, num_replicas=1, rank=0)
         kept = sampler._table.nbytes
         draw = lambda: _consume(sampler)  # noqa: E731
-    build = _status_bytes("VmHWM") - base
-    _reset_peak()
+    build = status_bytes("VmHWM") - base
+    reset_peak_rss()
     draw()
-    epoch = _status_bytes("VmHWM") - base
+    epoch = status_bytes("VmHWM") - base
     queue.put({"build": build / n, "epoch": epoch / n, "kept": kept / n})
 
 

@@ -24,7 +24,7 @@ import tempfile
 
 import torch
 
-from benchmarks import median_ratio, print_table, time_interleaved, write_results
+from benchmarks import median_ratio, peak_rss_growth_mib, print_table, time_interleaved, write_results
 
 BATCH = 4
 SEQ_LEN = 512
@@ -64,24 +64,12 @@ def _step(trainer, batch):
     return run
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _child(chunked: bool, seq_len: int) -> None:
     """In a fresh process: peak RSS growth (MiB) of one compute_loss + backward, printed as JSON."""
     torch.set_num_threads(1)
     trainer, batch = _trainer_and_batch(chunked, seq_len)
     run = _step(trainer, batch)
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    run()
-    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - before) / 1024}))
+    print(json.dumps({"peak_mib": peak_rss_growth_mib(run)}))
 
 
 def peak_memory_mib(chunked: bool, seq_len: int) -> float:
