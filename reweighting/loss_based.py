@@ -146,6 +146,13 @@ class LossReweighter:
     values over ranks is the global weighted loss (log ``loss`` reduced with a mean, as usual).
     Every rank must call ``rw(...)`` (it runs a collective).
 
+    The same holds under FSDP2 (``fully_shard``), whose reduce-scatter also averages over ranks;
+    its counterpart of ``model.no_sync()`` is a small context around
+    ``model.set_requires_gradient_sync(False)`` / ``(True)``. Two set-ups break the averaging this
+    relies on and would give a scaled gradient: gradients summed over ranks (for example
+    ``set_gradient_divide_factor(1.0)``), and data parallelism combined with tensor or pipeline
+    parallelism, where ``group=`` must be the data-parallel group, not the default world.
+
     **With gradient accumulation** over ``K`` micro-batches:
 
     - ``accumulation="micro"`` (paper): weights per micro-batch; divide by ``K`` as for a mean::
