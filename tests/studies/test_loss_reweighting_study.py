@@ -25,7 +25,7 @@ def test_study_runs_and_reports(tmp_path, monkeypatch):
     # the verdict is what the paired per-seed numbers say
     parts = {p["name"]: p for p in results["parts"]}
     assert set(parts) == {"linupper < uniform (redundant)", "quadratic < uniform (redundant)",
-                          *(f"{m} not worse than uniform (clean)" for m in S.PAPER_METHODS)}
+                          *(f"{m} not worse than uniform (clean)" for m in S.CLAIMED)}
     per_seed = results["per_seed"]
     diffs = [u - q for u, q in zip(per_seed["uniform (redundant)"], per_seed["quadratic (redundant)"])]
     assert parts["quadratic < uniform (redundant)"]["margin"] == pytest.approx(sum(diffs) / 2)
@@ -34,6 +34,9 @@ def test_study_runs_and_reports(tmp_path, monkeypatch):
     # the comparison is inconclusive rather than a failure of the method
     assert results["baseline_healthy"] is False and results["verdict"] == "inconclusive"
     assert results["baseline"]["bar"] == pytest.approx(results["config"]["unigram_entropy"])
+    # Extremes is reported beside the claim, not in it
+    assert [p["name"] for p in results["details"]["reported_parts"]] == ["extremes < uniform (redundant)",
+                                                                        "extremes < uniform (clean)"]
     shares = results["details"]["duplicate_weight_share"]
     assert all(v == [0.5, 0.5] for v in [shares["uniform"]])  # uniform puts exactly the batch share there
     # even a dozen steps teach the small model the duplicates: LinUpper moves weight off them, inverse onto them
