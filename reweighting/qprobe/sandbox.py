@@ -288,6 +288,9 @@ def sandbox_python(as_root: bool | None = None) -> str:
     directory such as ``/root``) a system ``python3`` that an unprivileged user can run."""
     override = os.environ.get("REWEIGHTING_SANDBOX_PYTHON")
     if override:
+        if not os.path.isabs(override) or not os.path.isfile(override) or not os.access(override, os.X_OK):
+            raise SandboxUnavailable(f"REWEIGHTING_SANDBOX_PYTHON must be the absolute path of an executable "
+                                     f"Python interpreter, got {override!r}")
         return override
     as_root = os.geteuid() == 0 if as_root is None else as_root
     own = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
@@ -307,7 +310,14 @@ def _python_root(python: str) -> str | None:
     real = Path(os.path.realpath(python))
     if real.is_relative_to("/usr"):
         return None
-    return str(real.parent.parent)
+    root = real.parent.parent
+    # Bound read-only into the sandbox whole: an interpreter directly under a top-level folder
+    # (``/opt/python3``, ``/bin/python3`` outside /usr) would expose ``/`` or all of ``/opt``.
+    if len(root.parts) < 3:
+        raise SandboxUnavailable(f"the sandbox's interpreter {real} must sit in <prefix>/bin/ with a prefix at least "
+                                 f"two folders deep (its whole prefix {root} is made visible to the program); "
+                                 f"set REWEIGHTING_SANDBOX_PYTHON to such an interpreter")
+    return str(root)
 
 
 def _bwrap() -> str:

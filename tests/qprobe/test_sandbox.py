@@ -24,6 +24,14 @@ from reweighting.qprobe.sandbox import (
 
 needs_sandbox = pytest.mark.skipif(not isolation_available()[0], reason=isolation_available()[1])
 
+
+@pytest.mark.skipif(not os.environ.get("CI"), reason="only CI must have the sandbox; elsewhere its tests skip")
+def test_ci_has_the_sandbox():
+    # The security suite skips where bubblewrap cannot start; on CI (which `make test` provisions
+    # with bubblewrap) that skip would hide every hostile-program test, so it is a failure there.
+    available, reason = isolation_available()
+    assert available, f"the code-reward sandbox is unavailable on CI: {reason}"
+
 TIGHT = SandboxLimits(wall_seconds=6.0, cpu_seconds=2, memory_bytes=256 << 20, max_processes=8,
                       max_output_bytes=1 << 16)
 ADD = {"prompt": 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n',
@@ -398,3 +406,18 @@ def test_decoder_accepts_only_exact_plain_values():
                 ["d", [[["l", []], ["n"]]]], ["S", [["l", []]]], ["f", "zz"], "n", [], [["n"]]):
         with pytest.raises(h.ProtocolError):
             h.decode(bad)
+
+
+def test_sandbox_python_override_must_be_an_interpreter(monkeypatch):
+    monkeypatch.setenv("REWEIGHTING_SANDBOX_PYTHON", "/nonexistent/bin/python3")
+    with pytest.raises(SandboxUnavailable, match="REWEIGHTING_SANDBOX_PYTHON"):
+        sandbox.sandbox_python()
+
+
+@pytest.mark.parametrize("python", ["/opt/python3", "/opt/bin/python3"])
+def test_an_interpreter_prefix_that_would_expose_a_top_level_folder_is_refused(python, monkeypatch):
+    # Its prefix is bound into the sandbox whole: "/" or "/opt" would show the program the host's files.
+    monkeypatch.setattr(sandbox.os.path, "realpath", lambda p: p)
+    with pytest.raises(SandboxUnavailable, match="two folders deep"):
+        sandbox._python_root(python)
+    assert sandbox._python_root("/opt/python-3.11/bin/python3") == "/opt/python-3.11"
