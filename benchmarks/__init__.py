@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["time_interleaved", "median_ratio", "write_results", "print_table", "status_bytes", "reset_peak_rss",
-           "peak_rss_growth_mib"]
+           "peak_rss_growth_mib", "peak_mib_in_subprocess"]
 
 
 def time_interleaved(
@@ -92,3 +92,14 @@ def peak_rss_growth_mib(fn: Callable[[], Any]) -> float:
     reset_peak_rss()
     fn()
     return (status_bytes("VmHWM") - before) / 2**20
+
+
+def peak_mib_in_subprocess(code: str) -> float:
+    """Run ``code`` in a fresh interpreter; it must print ``{"peak_mib": ...}`` as its last line
+    (e.g. from :func:`peak_rss_growth_mib`). A fresh process per case keeps earlier cases' freed
+    memory from hiding a peak."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]

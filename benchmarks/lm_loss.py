@@ -24,14 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks import median_ratio, peak_rss_growth_mib, print_table, time_interleaved, write_results
+from benchmarks import (
+    median_ratio,
+    peak_mib_in_subprocess,
+    peak_rss_growth_mib,
+    print_table,
+    time_interleaved,
+    write_results,
+)
 
 BATCH = 4
 SEQ_LEN = 512
@@ -82,9 +87,8 @@ def _child(variant: str, dtype: str, vocab: int, seq_len: int) -> None:
 
 
 def peak_memory_mib(variant: str, dtype: str, vocab: int, seq_len: int) -> float:
-    code = f"from benchmarks.lm_loss import _child; _child({variant!r}, {dtype!r}, {vocab}, {seq_len})"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    return peak_mib_in_subprocess(
+        f"from benchmarks.lm_loss import _child; _child({variant!r}, {dtype!r}, {vocab}, {seq_len})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,13 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 
 import torch
 
-from benchmarks import median_ratio, peak_rss_growth_mib, print_table, time_interleaved, write_results
+from benchmarks import (
+    median_ratio,
+    peak_mib_in_subprocess,
+    peak_rss_growth_mib,
+    print_table,
+    time_interleaved,
+    write_results,
+)
 
 BATCH = 4
 SEQ_LEN = 512
@@ -73,9 +78,7 @@ def _child(chunked: bool, seq_len: int) -> None:
 
 
 def peak_memory_mib(chunked: bool, seq_len: int) -> float:
-    code = f"from benchmarks.trainer_chunked import _child; _child({chunked!r}, {seq_len})"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    return peak_mib_in_subprocess(f"from benchmarks.trainer_chunked import _child; _child({chunked!r}, {seq_len})")
 
 
 def main(argv: list[str] | None = None) -> None:
