@@ -133,7 +133,10 @@ def gather_rows(x: torch.Tensor, capacity: int, group=None) -> tuple[torch.Tenso
         return x.clone(), [x.shape[0]], capacity
     n_ranks = dist.get_world_size(group)
     n = x.shape[0]
-    buffer = x.new_zeros((capacity + 1, x.shape[1]))
+    # The count rides in the buffer: a half-precision buffer would round counts above 256 (bf16)
+    # or 2048 (fp16), so those travel as float32 and come back in x's dtype.
+    wire = torch.float32 if x.is_floating_point() and torch.finfo(x.dtype).bits < 32 else x.dtype
+    buffer = x.new_zeros((capacity + 1, x.shape[1]), dtype=wire)
     buffer[0, 0] = n
     buffer[1 : 1 + min(n, capacity)] = x[:capacity]
     pieces = [torch.empty_like(buffer) for _ in range(n_ranks)]
@@ -141,5 +144,5 @@ def gather_rows(x: torch.Tensor, capacity: int, group=None) -> tuple[torch.Tenso
     counts = [int(c) for c in torch.stack([p[0, 0] for p in pieces]).tolist()]
     if max(counts) > capacity:
         return gather_rows(x, 1 << (max(counts) - 1).bit_length(), group)
-    rows = torch.cat([p[1 : 1 + c] for p, c in zip(pieces, counts)], dim=0)
+    rows = torch.cat([p[1 : 1 + c] for p, c in zip(pieces, counts)], dim=0).to(x.dtype)
     return rows, counts, capacity

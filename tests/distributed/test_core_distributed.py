@@ -57,3 +57,11 @@ def test_normalisations_and_diagnostics_are_global():
     counts = torch.cat([r["counts"] for r in results])
     want_counts = rw.resample_counts(full.abs(), 1000, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(counts, want_counts)
+
+
+def test_gather_rows_counts_stay_exact_for_half_precision_rows():
+    # The row count travels inside the buffer; in bf16 301 would arrive as 300 and a row be lost.
+    for got in launch(W.gather_half_precision_rows, 2):
+        assert got["counts"] == [301, 7]
+        assert got["dtype"] == "torch.bfloat16"
+        assert torch.equal(got["rows"][:, 0], torch.cat([torch.zeros(301), torch.ones(7)]))

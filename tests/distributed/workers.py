@@ -71,3 +71,11 @@ def normalisations(rank, world):
         "gathered": D.all_gather_uneven(local)[0],
         "counts": rw.resample_counts(local.abs(), 1000, generator=torch.Generator().manual_seed(5)),
     }
+
+
+
+def gather_half_precision_rows(rank, world):
+    """Each rank's bf16 rows (301 on rank 0: not a bf16 number; 7 on rank 1) gathered with gather_rows."""
+    x = torch.full(((301, 7)[rank], 2), float(rank), dtype=torch.bfloat16)
+    rows, counts, _ = D.gather_rows(x, 4)
+    return {"counts": counts, "dtype": str(rows.dtype), "rows": rows.float()}
