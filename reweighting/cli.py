@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,6 +139,7 @@ def _already_done(folder: Path, quick: bool, seeds: int | None) -> bool:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .report import build_report
     from .studies import all_studies, get_study, run_study
+    from .studies.parallel import available_cores, run_parallel
 
     studies = [get_study(n) for n in args.studies] if args.studies else list(all_studies().values())
     check_device(args.device, allow_auto=True)
@@ -145,23 +147,59 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    failed = []
+    todo = []
     for study in studies:
         if args.skip_existing and _already_done(out / study.name, args.quick, args.seeds):
             print(f"[{study.name}] results exist, skipped (--skip-existing)")
-            continue
-        print(f"[{study.name}] {study.claim}")
-        result = run_study(study, quick=args.quick, num_seeds=args.seeds, out_dir=out, device=args.device,
-                           show_progress=not args.no_progress)
-        print(f"[{study.name}] claim: {result['verdict']} ({result['seconds']:.0f} s wall, "
+        else:
+            todo.append(study)
+    jobs = args.jobs if args.jobs is not None else available_cores()
+    start = time.perf_counter()
+    failed, crashed = [], []
+
+    def done(name: str, result: dict) -> None:
+        print(f"[{name}] claim: {result['verdict']} ({result['seconds']:.0f} s wall, "
               f"{result['cpu_seconds']:.0f} s CPU)")
         if not result["holds"]:
-            failed.append(f"{study.name} ({result['verdict']})")
+            failed.append(f"{name} ({result['verdict']})")
+
+    if jobs > 1 and len(todo) > 1:
+        from .studies import RESULTS_FILE
+
+        def finished(study, code: int) -> None:
+            if code == 0:
+                done(study.name, json.loads((out / study.name / RESULTS_FILE).read_text()))
+            else:
+                crashed.append(study.name)
+
+        print(f"running {len(todo)} studies in child processes, at most {jobs} cores busy")
+        run_parallel(todo, jobs, lambda study: _child_command(study.name, args), out, on_done=finished)
+    else:
+        for study in todo:
+            print(f"[{study.name}] {study.claim}")
+            done(study.name, run_study(study, quick=args.quick, num_seeds=args.seeds, out_dir=out,
+                                       device=args.device, show_progress=not args.no_progress))
     report = build_report(out)
-    print(f"report: {report}")
+    print(f"report: {report} ({time.perf_counter() - start:.0f} s wall in all)")
     if failed:
         print(f"claims that did not hold in this run, or could not be decided: {', '.join(failed)} (see the report)")
+    if crashed:
+        print(f"studies that stopped with an error (see their log.txt): {', '.join(crashed)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _child_command(study: str, args: argparse.Namespace) -> list[str]:
+    """``reproduce`` of one study in a child process, with this command's options."""
+    command = [sys.executable, "-m", "reweighting", "reproduce", study, "--out", str(args.out),
+               "--device", args.device, "--jobs", "1"]
+    if args.quick:
+        command.append("--quick")
+    if args.seeds is not None:
+        command += ["--seeds", str(args.seeds)]
+    if args.no_progress:
+        command.append("--no-progress")
+    return command
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -191,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-existing", action="store_true",
                    help="skip studies whose results.json exists for the same mode and seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--jobs", type=positive_int, default=None,
+                   help="cores to keep busy: with more than one, studies run side by side in child processes "
+                        "(each writes <out>/<study>/log.txt; the numbers are the same). Default: every core "
+                        "this process may use")
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("report", help="rebuild report.md from the results in --out", formatter_class=HelpFormatter)

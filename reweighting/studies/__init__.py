@@ -25,9 +25,10 @@ import torch
 
 __all__ = ["Study", "StudyContext", "StudyOutcome", "Baseline", "ClaimPart", "check_baseline", "compare",
            "decide", "register", "all_studies", "get_study", "run_study", "summarize", "RESULTS_FILE",
-           "HOLDS", "DOES_NOT_HOLD", "INCONCLUSIVE"]
+           "HOLDS", "DOES_NOT_HOLD", "INCONCLUSIVE", "STUDIES_ENV"]
 
 RESULTS_FILE = "results.json"
+STUDIES_ENV = "REWEIGHTING_STUDIES"
 T = TypeVar("T")
 
 
@@ -196,6 +197,11 @@ class Study:
     # downstream) depend on the thread count; the same command then gives the same numbers whatever
     # ran before it in the process and however many cores the machine has.
     threads: int = 1
+    # For ``reproduce --jobs``: the cores the study keeps busy (its worker pool or its threads), and
+    # its rough cost in CPU-seconds for a full run on a 2-core machine; the costliest studies start
+    # first. Neither changes a number the study computes.
+    cores: int = 1
+    cost: float = 0.0
 
 
 _REGISTRY: dict[str, Study] = {}
@@ -217,6 +223,16 @@ def _discover() -> None:
         if info.name.startswith("_"):
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
+        study = getattr(module, "STUDY", None)
+        if isinstance(study, Study):
+            register(study)
+    # Studies of one's own: modules named in REWEIGHTING_STUDIES (comma-separated), importable from
+    # sys.path, each defining STUDY or calling register(). They reach reproduce's child processes too.
+    for name in filter(None, (n.strip() for n in os.environ.get(STUDIES_ENV, "").split(","))):
+        try:
+            module = importlib.import_module(name)
+        except ImportError as err:
+            raise ValueError(f"{STUDIES_ENV}: cannot import study module {name!r} ({err})") from err
         study = getattr(module, "STUDY", None)
         if isinstance(study, Study):
             register(study)

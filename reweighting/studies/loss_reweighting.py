@@ -18,7 +18,6 @@ method sees the same initialisation and the same batches for a given seed (paire
 from __future__ import annotations
 
 import math
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import Baseline, Study, StudyContext, StudyOutcome, check_baseline, compare, decide, register, summarize
+from .parallel import available_cores
 
 METHODS = ("uniform", "linupper", "quadratic", "extremes", "inverse")
 PAPER_METHODS = ("linupper", "quadratic", "extremes")
@@ -320,10 +320,6 @@ def _data_for(cfg: Config) -> Data:
     return _DATA[cfg]
 
 
-def _available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _init_worker() -> None:
     torch.set_num_threads(1)
 
@@ -417,7 +413,7 @@ def run_with(ctx: StudyContext, cfg: Config) -> StudyOutcome:
     start = time.perf_counter()
     seeds = list(ctx.seeds)
     sweep_seed = seeds[0]
-    workers = (cfg.workers or _available_cores()) if ctx.device.type == "cpu" else 1
+    workers = (cfg.workers or available_cores()) if ctx.device.type == "cpu" else 1
     pool = None
     if workers > 1:
         import multiprocessing
@@ -528,6 +524,8 @@ STUDY = Study(
     # Five: with three, Quadratic's margin on redundant data (-0.044) could not be told from its noise.
     seeds=5,
     quick_seeds=2,
+    cores=2,  # a pool of worker processes, one training run each
+    cost=1020,
     description="loss-based reweighting (LinUpper, Quadratic, Extremes) vs uniform on a byte-level GPT with "
                 "duplicated boilerplate",
 )
@@ -541,6 +539,7 @@ PACKED_STUDY = Study(
     run=lambda ctx: run_packed(ctx, QUICK if ctx.quick else FULL),
     seeds=5,
     quick_seeds=3,  # about 25 CPU-seconds a seed in quick mode: enough seeds for a noise estimate
+    cost=402,
     description="loss-based reweighting of packed documents vs of whole rows vs uniform on a byte-level GPT",
 )
 

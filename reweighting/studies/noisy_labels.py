@@ -363,4 +363,5 @@ STUDY = Study(
     quick_seeds=2,
     description="RENT, DWS, RW, forward correction and CE on noisy sklearn digits, with cleanlab as a peer",
     threads=1,
+    cost=383,
 )
