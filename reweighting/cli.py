@@ -137,7 +137,7 @@ def _already_done(folder: Path, quick: bool, seeds: int | None) -> bool:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from .report import build_report
+    from .report import JOB_FILE, build_report
     from .studies import all_studies, get_study, run_study
     from .studies.parallel import available_cores, run_parallel
 
@@ -179,6 +179,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             print(f"[{study.name}] {study.claim}")
             done(study.name, run_study(study, quick=args.quick, num_seeds=args.seeds, out_dir=out,
                                        device=args.device, show_progress=not args.no_progress))
+    if todo:  # the whole job's time, which the report states beside the per-study times
+        (out / JOB_FILE).write_text(json.dumps({"studies": [s.name for s in todo], "jobs": jobs, "quick": args.quick,
+                                                "seconds": time.perf_counter() - start, "failed": crashed}) + "\n")
     report = build_report(out)
     print(f"report: {report} ({time.perf_counter() - start:.0f} s wall in all)")
     if failed:
@@ -231,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--jobs", type=positive_int, default=None,
                    help="cores to keep busy: with more than one, studies run side by side in child processes "
-                        "(each writes <out>/<study>/log.txt; the numbers are the same). Default: every core "
+                        "(each writes <out>/<study>/log.txt; the numbers are the same). By default every core "
                         "this process may use")
     p.set_defaults(func=_cmd_reproduce)
 

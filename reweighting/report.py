@@ -12,9 +12,11 @@ from typing import Any
 
 from .studies import RESULTS_FILE
 
-__all__ = ["load_results", "build_report", "plot_methods", "new_figure", "save_figure"]
+__all__ = ["JOB_FILE", "load_results", "build_report", "plot_methods", "new_figure", "save_figure"]
 
 REPORT_FILE = "report.md"
+# What the last `reproduce` ran, on how many cores, and its wall time (written by the command line).
+JOB_FILE = "job.json"
 METHODS_PLOT = "methods.png"
 
 
@@ -145,6 +147,14 @@ def build_report(out_dir: str | Path, *, plots: bool = True) -> Path:
                 f"{r.get('cpu_seconds', float('nan')):.0f} |"
             )
         lines.append("")
+        job = out / JOB_FILE
+        if job.exists():
+            j = json.loads(job.read_text())
+            lines += [f"The last `reweighting reproduce` here ran {len(j['studies'])} studies "
+                      f"({'quick' if j['quick'] else 'full'} mode) with at most {j['jobs']} core(s) busy in "
+                      f"{j['seconds']:.0f} s of wall time"
+                      + (f"; these stopped with an error: {', '.join(j['failed'])}" if j.get("failed") else "")
+                      + ".", ""]
         rows = [(r, p) for r in results for p in r.get("parts", [])]
         if rows:
             lines += ["| study | part of the claim | verdict | margin | noise | pairs |",

@@ -152,6 +152,9 @@ def test_reproduce_with_jobs_gives_the_numbers_of_one_process_and_reports_a_cras
         assert _numbers(serial, name) == _numbers(parallel, name)
         assert (parallel / name / "log.txt").exists()
     assert not (parallel / "toy-par-bad" / "results.json").exists()
+    job = json.loads((parallel / "job.json").read_text())
+    assert job["jobs"] == 2 and job["failed"] == ["toy-par-bad"] and job["seconds"] > 0
+    assert "with at most 2 core(s) busy" in (parallel / "report.md").read_text()
     captured = capsys.readouterr()
     assert "[toy-par-a] claim: holds" in captured.out and "report:" in captured.out
     assert "toy-par-bad" in captured.err and "RuntimeError: this toy study breaks" in captured.out
