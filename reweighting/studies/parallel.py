@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -120,6 +121,11 @@ def run_parallel(
     running: list[StudyProcess] = []
     status: dict[str, int] = {}
     start = last_report = time.perf_counter()
+    # The children run in their own sessions (so that their worker pools can be ended with them), out
+    # of reach of the terminal's Ctrl-C and of a SIGTERM sent to this process: both end them here.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         while pending or running:
             free = jobs - sum(r.cores for r in running)
@@ -160,4 +166,11 @@ def run_parallel(
     except BaseException:
         _stop(running)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return status
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -93,8 +96,6 @@ def test_run_parallel_stops_its_children_when_interrupted(tmp_path):
     assert time.perf_counter() - start < 30
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
-        import os
-
         os.kill(pid, 0)
 
 
@@ -168,3 +169,27 @@ def test_an_unimportable_study_module_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setenv(STUDIES_ENV, "no_such_module_here")
     assert main(["list"]) == 2
     assert "REWEIGHTING_STUDIES: cannot import study module 'no_such_module_here'" in capsys.readouterr().err
+
+
+def test_a_terminated_reproduce_ends_its_studies(tmp_path):
+    """SIGTERM to the parent (a job scheduler's kill) must not leave studies running on their own."""
+    pid_file = tmp_path / "pid"
+    parent = f"""
+import sys
+from reweighting.studies import Study, StudyOutcome
+from reweighting.studies.parallel import run_parallel
+study = Study(name="s", claim="c", metric="m", lower_is_better=True, run=None)
+script = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+run_parallel([study], 1, lambda s: [sys.executable, "-c", script], __import__("pathlib").Path({str(tmp_path)!r}),
+             on_done=lambda s, c: None, poll=0.05)
+"""
+    process = subprocess.Popen([sys.executable, "-c", parent])
+    deadline = time.time() + 60
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    process.terminate()
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
