@@ -16,9 +16,10 @@ The method assumes that self-influence flags noisy samples, so that assumption i
 (:func:`assumption_table`): the AUROC of SI for telling corrupted from clean windows, for four
 corruptions (permuted tokens, random bytes, shuffled continuations, near-duplicates) and three
 choices of K (the first block, all parameters, micro-batch units of 4 windows). The methods are
-then compared on the study's own setting and on the one where the assumption holds best; the
-verdict is on both. Self-influence of clean and corrupted windows is also measured offline with
-each seed's final uniform model (:func:`score_dataset`).
+then compared on the study's own setting and on the one where the assumption holds best (there
+without the inverse-then-direct control); the verdict is on both. Uniform runs do not depend on K,
+so each one is trained once and shared by the table and the settings. Self-influence of clean and
+corrupted windows is also measured offline with each seed's final uniform model (:func:`score_dataset`).
 """
 
 from __future__ import annotations
@@ -42,9 +43,16 @@ METHODS: dict[str, tuple[float, float] | None] = {
 }
 
 
+# The methods run where the assumption holds best: inverse-then-direct, a control of the schedule's
+# order, is run on the study's own setting only (the claim's parts need uniform, direct and presence).
+SECOND_SETTING_METHODS = ("uniform", "direct", "inverse", "presence")
+
+
 @dataclass(frozen=True)
 class Config:
-    steps: int = 600
+    # 300 steps keep the full run (AUROC table, two settings of 3 seeds x 5 methods) within its
+    # 600 CPU-second share of `make reproduce` on two cores; 600 steps took about twice that.
+    steps: int = 300
     batch: int = 32
     seq_len: int = 64
     dim: int = 64
@@ -217,7 +225,28 @@ def baseline_health(uniform_heldout: list[float], bar: float) -> Baseline:
                           sum(uniform_heldout) / len(uniform_heldout), bar, higher_is_better=False)
 
 
-def assumption_table(cfg: Config, seed: int, device: torch.device, ctx: StudyContext) -> dict[str, dict[str, float]]:
+def _uniform_key(cfg: Config, seed: int) -> tuple[Config, int]:
+    """What a uniform run depends on: the data and the training, not K, the micro-batch units, the
+    switch or what is scored afterwards (uniform never computes self-influence)."""
+    return replace(cfg, scope=FULL.scope, microbatches=None, switch_fraction=FULL.switch_fraction,
+                   scored_sequences=FULL.scored_sequences, auroc_margin=FULL.auroc_margin), seed
+
+
+def train_uniform_cached(data: Data, cfg: Config, seed: int, device: torch.device, ctx: StudyContext | None,
+                         cache: dict | None) -> dict:
+    """``train(data, cfg, "uniform", seed, ...)``, reused from ``cache`` when the same uniform run was
+    already trained (the AUROC table's model of the study's own corruption is its seed's uniform run);
+    a fresh dict each call, sharing the model."""
+    if cache is None:
+        return train(data, cfg, "uniform", seed, device, ctx)
+    key = _uniform_key(cfg, seed)
+    if key not in cache:
+        cache[key] = train(data, cfg, "uniform", seed, device, ctx)
+    return dict(cache[key])
+
+
+def assumption_table(cfg: Config, seed: int, device: torch.device, ctx: StudyContext,
+                     uniform_cache: dict | None = None) -> dict[str, dict[str, float]]:
     """AUROC of self-influence for corrupted vs clean windows, per corruption and choice of K.
 
     For each corruption a uniform model is trained on the pool corrupted that way (seed ``seed``),
@@ -229,7 +258,7 @@ def assumption_table(cfg: Config, seed: int, device: torch.device, ctx: StudyCon
     for corruption in ctx.progress(ASSUMPTION_CORRUPTIONS, desc="presence: AUROC table (corruptions)"):
         c_cfg = replace(cfg, corruption=corruption)
         data = load_data(c_cfg)
-        model = train(data, c_cfg, "uniform", seed, device, ctx)["model"]
+        model = train_uniform_cached(data, c_cfg, seed, device, ctx, uniform_cache)["model"]
         n = min(cfg.scored_sequences, data.pool.shape[0])
         rows, bad = data.pool[:n].to(device), data.corrupted[:n]
         table[corruption] = {scope: auroc(self_influence_loop(model, rows, scope), bad)
@@ -342,18 +371,24 @@ def _setting_parts(label: str, aurocs: list[float], heldout: dict, cfg: Config) 
     ]
 
 
-def _compare_methods(ctx: StudyContext, cfg: Config, label: str) -> dict:
-    """Every method on ``cfg``'s data for every seed, and the offline AUROC of each seed's uniform model."""
+def _compare_methods(ctx: StudyContext, cfg: Config, label: str, methods: tuple[str, ...] = tuple(METHODS),
+                     uniform_cache: dict | None = None) -> dict:
+    """``methods`` (uniform first) on ``cfg``'s data for every seed, and the offline AUROC of each
+    seed's uniform model (uniform runs already trained are taken from ``uniform_cache``)."""
     from ..influence import score_dataset
 
     data = load_data(cfg)
     seeds = list(ctx.seeds)
-    jobs = [(seed, m) for seed in seeds for m in METHODS]
+    if methods[0] != "uniform" or not {"direct", "presence"} <= set(methods) or not set(methods) <= set(METHODS):
+        raise ValueError(f"methods must start with 'uniform', include 'direct' and 'presence' and be among "
+                         f"{list(METHODS)}, got {methods!r}")
+    jobs = [(seed, m) for seed in seeds for m in methods]
     results: dict = {}
     aurocs, si_clean, si_bad = [], [], []
     scored = torch.arange(min(cfg.scored_sequences, data.pool.shape[0]))
     for seed, method in ctx.progress(jobs, desc=f"presence runs ({label})", total=len(jobs)):
-        results[(seed, method)] = r = train(data, cfg, method, seed, ctx.device, ctx)
+        results[(seed, method)] = r = (train_uniform_cached(data, cfg, seed, ctx.device, ctx, uniform_cache)
+                                       if method == "uniform" else train(data, cfg, method, seed, ctx.device, ctx))
         if method == "uniform" and cfg.microbatches:
             # the sample is a micro-batch unit: score units of one kind, as the assumption table does
             clean_units, bad_units = unit_scores(r["model"], data.pool[scored].to(ctx.device), data.corrupted[scored],
@@ -372,7 +407,7 @@ def _compare_methods(ctx: StudyContext, cfg: Config, label: str) -> dict:
             si_clean.append(scores[~bad])
             si_bad.append(scores[bad])
         del r["model"]
-    heldout = {m: [results[(s, m)]["heldout"] for s in seeds] for m in METHODS}
+    heldout = {m: [results[(s, m)]["heldout"] for s in seeds] for m in methods}
     return {"data": data, "results": results, "aurocs": aurocs, "si_clean": si_clean, "si_bad": si_bad,
             "heldout": heldout, "parts": _setting_parts(label, aurocs, heldout, cfg)}
 
@@ -380,16 +415,17 @@ def _compare_methods(ctx: StudyContext, cfg: Config, label: str) -> dict:
 def _setting_summary(cfg: Config, run: dict, seeds: list[int], label: str) -> list[str]:
     data, results, heldout = run["data"], run["results"], run["heldout"]
     si_clean, si_bad, aurocs = run["si_clean"], run["si_bad"], run["aurocs"]
-    diffs = {m: [results[(s, m)]["heldout"] - results[(s, "uniform")]["heldout"] for s in seeds] for m in METHODS}
+    methods = list(heldout)
+    diffs = {m: [results[(s, m)]["heldout"] - results[(s, "uniform")]["heldout"] for s in seeds] for m in methods}
     mean = {m: sum(v) / len(v) for m, v in heldout.items()}
     auroc_stats = summarize(aurocs)
     ratio = [float(b.median() / c.median()) for b, c in zip(si_bad, si_clean)]
-    online = {m: [results[(s, m)]["online_auroc"] for s in seeds] for m in METHODS
+    online = {m: [results[(s, m)]["online_auroc"] for s in seeds] for m in methods
               if METHODS[m] and "online_auroc" in results[(seeds[0], m)]}
-    shares = {m: [results[(s, m)]["corrupted_weight_share"] for s in seeds] for m in METHODS if METHODS[m]}
-    ess = {m: [results[(s, m)]["ess_fraction"] for s in seeds] for m in METHODS if METHODS[m]}
+    shares = {m: [results[(s, m)]["corrupted_weight_share"] for s in seeds] for m in methods if METHODS[m]}
+    ess = {m: [results[(s, m)]["ess_fraction"] for s in seeds] for m in methods if METHODS[m]}
     rows = []
-    for m in METHODS:
+    for m in methods:
         st = summarize(heldout[m])
         d = summarize(diffs[m])
         rows.append(f"| {m} | {st['mean']:.4f} ± {st['std']:.4f} | {d['mean']:+.4f} ± {d['std']:.4f} |")
@@ -435,7 +471,7 @@ def _setting_summary(cfg: Config, run: dict, seeds: list[int], label: str) -> li
         *([f"Inverse-only is below uniform ({mean['inverse'] - mean['uniform']:+.4f}) but PRESENCE is not: its "
            f"direct stage (effective sample size {stage_mean(ess['presence'], 'first'):.2f} of the batch) costs "
            "more than its inverse stage recovers in this run.", ""]
-          if mean["inverse"] < mean["uniform"] <= mean["presence"] else []),
+          if "inverse" in mean and mean["inverse"] < mean["uniform"] <= mean["presence"] else []),
     ]
 
 
@@ -448,9 +484,10 @@ def run_with(ctx: StudyContext, cfg: Config, assumption: bool = True) -> StudyOu
     """
     start = time.process_time()
     seeds = list(ctx.seeds)
-    table = assumption_table(cfg, seeds[0], ctx.device, ctx) if assumption else {}
+    uniform_cache: dict = {}  # uniform runs shared by the table and the settings (same data, seed, training)
+    table = assumption_table(cfg, seeds[0], ctx.device, ctx, uniform_cache) if assumption else {}
     current_label = f"{cfg.corruption}, K = {cfg.scope}"
-    runs = {current_label: (cfg, _compare_methods(ctx, cfg, current_label))}
+    runs = {current_label: (cfg, _compare_methods(ctx, cfg, current_label, uniform_cache=uniform_cache))}
     bar = 0.5 + cfg.auroc_margin
     # the per-window choices can be trained with directly; units need microbatches in training
     candidates = [(a, c, s) for c, row in table.items() for s, a in row.items() if a > bar]
@@ -461,7 +498,7 @@ def run_with(ctx: StudyContext, cfg: Config, assumption: bool = True) -> StudyOu
                       microbatches=(cfg.batch // 4) if scope == "units-of-4" else None)
         label = f"{corruption}, K = {scope} (where the assumption holds best)"
         if alt != cfg:
-            runs[label] = (alt, _compare_methods(ctx, alt, label))
+            runs[label] = (alt, _compare_methods(ctx, alt, label, SECOND_SETTING_METHODS, uniform_cache))
     parts = [p for _, run in runs.values() for p in run["parts"]]
     heldout_data = load_data(cfg).heldout
     baseline = baseline_health(runs[current_label][1]["heldout"]["uniform"], unigram_entropy(heldout_data))
@@ -493,6 +530,7 @@ def run_with(ctx: StudyContext, cfg: Config, assumption: bool = True) -> StudyOu
     first = runs[current_label][1]
     details.update(first["details"])  # the study's own setting at the top level
     config = {**asdict(cfg), "methods": {m: list(t) if t else "mean" for m, t in METHODS.items()},
+              "second_setting_methods": list(SECOND_SETTING_METHODS),
               "cpu_seconds": time.process_time() - start}
     methods = dict(first["heldout"])
     for label, (_, run) in list(runs.items())[1:]:

@@ -104,3 +104,23 @@ def test_micro_batch_setting_scores_units(tmp_path):
     n_bad = int(P.load_data(cfg).corrupted[: cfg.scored_sequences].sum())
     assert len(run["si_bad"][0]) == len(run["si_clean"][0]) == min(n_bad, cfg.scored_sequences - n_bad) // 4
     assert 0.0 <= run["aurocs"][0] <= 1.0
+
+
+def test_uniform_runs_are_shared_only_where_nothing_they_depend_on_differs():
+    from dataclasses import replace
+
+    cfg, device = P.SMOKE, torch.device("cpu")
+    data = P.load_data(cfg)
+    cache: dict = {}
+    first = P.train_uniform_cached(data, cfg, 0, device, None, cache)
+    # K and micro-batch units change how self-influence is computed, never a uniform run
+    again = P.train_uniform_cached(data, replace(cfg, scope="all", microbatches=2), 0, device, None, cache)
+    assert again["model"] is first["model"] and len(cache) == 1
+    fresh = P.train(data, cfg, "uniform", 0, device)
+    assert again["heldout"] == fresh["heldout"]
+    # another seed, corruption or step count is another run
+    P.train_uniform_cached(data, cfg, 1, device, None, cache)
+    P.train_uniform_cached(data, replace(cfg, steps=cfg.steps + 1), 0, device, None, cache)
+    P.train_uniform_cached(P.load_data(replace(cfg, corruption="random-bytes")),
+                           replace(cfg, corruption="random-bytes"), 0, device, None, cache)
+    assert len(cache) == 4
