@@ -8,8 +8,10 @@ Two data sets, each a long-tailed **biased** set and an unbiased **reference** s
 - ``digits``: scikit-learn's bundled 8x8 digits (64 dimensions), classes long-tailed the same
   way; the reference set is a few images of every class.
 
-Six methods train the same score model (an MLP with a time embedding, eps-prediction, VP linear
-schedule, EMA of the weights) for the same number of steps on the same seed: ``DSM(ref)`` on the
+Six methods train the same score model for the same number of steps on the same seed: a denoiser
+with EDM's preconditioning on the VP-cosine schedule (:class:`Preconditioned`: input scaling, skip
+connection, output scaling, loss weight ``1 / c_out^2``, log-normal ``sigma / alpha`` in training),
+whose MLP sees random Fourier features of the rings' input, with an EMA of the weights: ``DSM(ref)`` on the
 reference set only; ``DSM(obs)`` on all observed data (biased + reference); on the same observed
 stream ``IW-DSM`` (weight from the discriminator on the clean sample), ``TIW-DSM`` (weight
 ``w_t(x_t)`` and score correction), ``weighting-only`` and ``correction-only``. One time-dependent
@@ -108,7 +110,7 @@ class Config:
 
 
 FULL = Config()
-QUICK = Config(steps=1500, disc_steps=1000, samples=2000, digits_samples=1000, ring_biased=6000)
+QUICK = Config(steps=3000, disc_steps=1000, samples=2000, digits_samples=1000, ring_biased=6000)
 # The smallest configuration that runs every code path (the test suite's smoke test).
 SMOKE = Config(steps=30, batch=64, hidden=32, depth=2, digits_hidden=32, disc_steps=30, ring_disc_steps=30,
                disc_hidden=16, sample_steps=3, samples=200, digits_samples=100, ring_biased=800,
