@@ -17,6 +17,7 @@ method sees the same initialisation and the same batches for a given seed (paire
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -55,7 +56,10 @@ class Config:
     # uniform in ``doc_len``), a ``duplicate_share`` of them boilerplate, and the weights go either to
     # documents (``reweighting.packing.document_losses``) or to whole rows.
     doc_len: tuple[int, int] = (12, 40)
-    packed_lr: float = 5e-3
+    # Each packed method's lr is chosen on validation loss (seed 0), as in the main study: with one
+    # shared lr (5e-3) every method was undertrained (all did better at 1.2e-2) and the comparison
+    # turned with the lr (LinUpper on documents beat uniform by 0.04 at 2e-3, lost by 0.01 at 1.2e-2).
+    packed_lrs: tuple[float, ...] = (5e-3, 1.2e-2, 2.5e-2)
 
 
 FULL = Config()
@@ -63,7 +67,8 @@ QUICK = Config(steps=100, lrs=(4e-3, 8e-3), eval_sequences=128, curve_points=4)
 PACKED_METHODS = ("uniform", "linupper (documents)", "linupper (rows)", "quadratic (documents)", "quadratic (rows)")
 # The smallest configuration that still runs every code path (used by the test suite).
 SMOKE = Config(steps=12, batch=8, seq_len=32, dim=32, layers=1, heads=2, lrs=(3e-3,), boilerplate_windows=2,
-               train_sequences=400, eval_sequences=16, curve_points=2, workers=1, doc_len=(6, 16))
+               train_sequences=400, eval_sequences=16, curve_points=2, workers=1, doc_len=(6, 16),
+               packed_lrs=(3e-3, 6e-3))
 
 
 @dataclass
@@ -222,7 +227,7 @@ def packed_batches(data: Data, cfg: Config, seed: int):
         yield torch.stack(rows), torch.stack(ids), is_dup
 
 
-def train_packed(data: Data, cfg: Config, method: str, seed: int, device: torch.device) -> dict:
+def train_packed(data: Data, cfg: Config, method: str, lr: float, seed: int, device: torch.device) -> dict:
     """One packed-mode run: ``method`` in :data:`PACKED_METHODS`; test loss and the weight share on duplicates."""
     from ..loss_based import LossReweighter
     from ..packing import document_losses
@@ -230,7 +235,7 @@ def train_packed(data: Data, cfg: Config, method: str, seed: int, device: torch.
 
     torch.manual_seed(seed)
     model = TinyGPT(GPTConfig(context=cfg.seq_len, dim=cfg.dim, layers=cfg.layers, heads=cfg.heads)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.packed_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, cfg.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / cfg.steps))))
@@ -273,30 +278,49 @@ def train_packed(data: Data, cfg: Config, method: str, seed: int, device: torch.
 
 
 def run_packed(ctx: StudyContext, cfg: Config) -> StudyOutcome:
-    """The packed-mode study: weighting documents vs weighting rows, against uniform, at one lr."""
+    """The packed-mode study: weighting documents vs weighting rows, against uniform, each method at
+    its own lr (chosen on validation loss with the first seed)."""
     data = _data_for(cfg)
     seeds = list(ctx.seeds)
-    jobs = [(m, seed) for seed in seeds for m in PACKED_METHODS]
-    results = {job: train_packed(data, cfg, *job, ctx.device)
-               for job in ctx.progress(jobs, desc="packed runs (method x seed)", total=len(jobs))}
-    test = {m: [results[(m, s)]["test"] for s in seeds] for m in PACKED_METHODS}
-    share = {m: [results[(m, s)]["duplicate_weight_share"] for s in seeds] for m in PACKED_METHODS}
+    with _worker_pool(cfg, ctx) as pool:
+        sweep = [(m, lr, seeds[0]) for m in PACKED_METHODS for lr in cfg.packed_lrs]
+        results = _run_jobs(ctx, _packed_job, cfg, sweep, pool, f"packed lr sweep (seed {seeds[0]})")
+        best_lr = {m: min(cfg.packed_lrs, key=lambda lr, m=m: results[(m, lr, seeds[0])]["validation"])
+                   for m in PACKED_METHODS}
+        rest = [(m, best_lr[m], seed) for m in PACKED_METHODS for seed in seeds[1:]]
+        results.update(_run_jobs(ctx, _packed_job, cfg, rest, pool, "packed runs, other seeds at the chosen lr"))
+    test = {m: [results[(m, best_lr[m], s)]["test"] for s in seeds] for m in PACKED_METHODS}
+    share = {m: [results[(m, best_lr[m], s)]["duplicate_weight_share"] for s in seeds] for m in PACKED_METHODS}
     parts = [compare(f"{m} < uniform (packed, redundant)", test[m], test["uniform"], lower_is_better=True)
              for m in ("linupper (documents)", "quadratic (documents)")]
     extra = [compare(f"{m} (documents) < {m} (rows)", test[f"{m} (documents)"], test[f"{m} (rows)"],
                      lower_is_better=True) for m in ("linupper", "quadratic")]
     baseline = baseline_health(test["uniform"], unigram_entropy(data.clean))
     verdict = decide(parts, baseline)
-    per_row = results[(PACKED_METHODS[0], seeds[0])]["documents_per_row"]
+    per_row = results[(PACKED_METHODS[0], best_lr[PACKED_METHODS[0]], seeds[0])]["documents_per_row"]
+    at_edge = [m for m in PACKED_METHODS if len(cfg.packed_lrs) > 1 and best_lr[m] in (min(cfg.packed_lrs),
+                                                                                       max(cfg.packed_lrs))]
     lines = [f"Packed rows: several documents per row ({per_row:.1f} on average, lengths {cfg.doc_len[0]}-"
-             f"{cfg.doc_len[1]} bytes), {cfg.duplicate_share:.0%} of them exact boilerplate duplicates; every method "
-             f"at lr {cfg.packed_lr:g}, {cfg.steps} steps, {len(seeds)} seed(s); held-out test loss (nats/byte). "
-             "The model attends across documents within a row (as in GPT-style packing); the loss never "
-             "crosses a document boundary.", "",
-             "| method | test loss | weight share on duplicate documents (tokens, for rows) |", "|---|---|---|"]
+             f"{cfg.doc_len[1]} bytes), {cfg.duplicate_share:.0%} of them exact boilerplate duplicates; each method "
+             f"at its own lr from {', '.join(f'{lr:g}' for lr in cfg.packed_lrs)} (lowest validation loss, seed "
+             f"{seeds[0]}), {cfg.steps} steps, {len(seeds)} seed(s); held-out test loss (nats/byte). The model "
+             "attends across documents within a row (as in GPT-style packing); the loss never crosses a "
+             "document boundary.", "",
+             "| method | lr | test loss | weight share on duplicate documents (tokens, for rows) |",
+             "|---|---|---|---|"]
     for m in PACKED_METHODS:
         st = summarize(test[m])
-        lines.append(f"| {m} | {st['mean']:.4f} ± {st['std']:.4f} | {sum(share[m]) / len(share[m]):.3f} |")
+        lines.append(f"| {m} | {best_lr[m]:g} | {st['mean']:.4f} ± {st['std']:.4f} | "
+                     f"{sum(share[m]) / len(share[m]):.3f} |")
+    if at_edge:
+        lines += ["", f"The chosen lr is at an end of the grid for: {', '.join(at_edge)}."]
+    sweep_rows = ["", "Validation loss of the lr sweep (seed 0):", "",
+                  "| method | " + " | ".join(f"lr {lr:g}" for lr in cfg.packed_lrs) + " |",
+                  "|---|" + "---|" * len(cfg.packed_lrs)]
+    for m in PACKED_METHODS:
+        sweep_rows.append(f"| {m} | " + " | ".join(f"{results[(m, lr, seeds[0])]['validation']:.4f}"
+                                                   for lr in cfg.packed_lrs) + " |")
+    lines += sweep_rows
     lines += ["", "| comparison | verdict | margin | noise | seeds |", "|---|---|---|---|---|"]
     for part in parts + extra:
         noise = f"{part.noise:.4f}" if part.noise is not None else "n/a (1 seed)"
@@ -307,7 +331,9 @@ def run_packed(ctx: StudyContext, cfg: Config) -> StudyOutcome:
                         config={**asdict(cfg), "packed": True, "unigram_entropy": unigram_entropy(data.clean)},
                         summary="\n".join(lines),
                         details={"duplicate_weight_share": share, "documents_vs_rows": [p.as_dict() for p in extra],
-                                 "documents_per_row": per_row},
+                                 "documents_per_row": per_row, "chosen_lr": best_lr, "lr_at_grid_end": at_edge,
+                                 "sweep_validation": {m: {str(lr): results[(m, lr, seeds[0])]["validation"]
+                                                          for lr in cfg.packed_lrs} for m in PACKED_METHODS}},
                         parts=parts, baseline=baseline)
 
 
@@ -329,14 +355,39 @@ def _train_job(cfg: Config, setting: str, method: str, lr: float, seed: int, dev
     return train(_data_for(cfg), cfg, setting, method, lr, seed, torch.device(device), curve=True)
 
 
-def _run_jobs(ctx: StudyContext, cfg: Config, jobs: list[tuple], pool, desc: str) -> dict:
-    """``{job: result}`` for jobs ``(setting, method, lr, seed)``, in the pool if there is one."""
+def _packed_job(cfg: Config, method: str, lr: float, seed: int, device: str) -> dict:
+    """One packed-mode training run in a worker process."""
+    return train_packed(_data_for(cfg), cfg, method, lr, seed, torch.device(device))
+
+
+def _worker_count(cfg: Config, ctx: StudyContext) -> int:
+    return (cfg.workers or available_cores()) if ctx.device.type == "cpu" else 1
+
+
+@contextlib.contextmanager
+def _worker_pool(cfg: Config, ctx: StudyContext):
+    """Processes of one thread each for independent training runs (None: run them here)."""
+    workers = _worker_count(cfg, ctx)
+    if workers <= 1:
+        yield None
+        return
+    import multiprocessing
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
+
+
+def _run_jobs(ctx: StudyContext, fn, cfg: Config, jobs: list[tuple], pool, desc: str) -> dict:
+    """``{job: fn(cfg, *job, device)}`` for every job, in the pool if there is one."""
     results = {}
     if pool is None:
         for job in ctx.progress(jobs, desc=desc, total=len(jobs)):
-            results[job] = _train_job(cfg, *job, str(ctx.device))
+            results[job] = fn(cfg, *job, str(ctx.device))
         return results
-    futures = {pool.submit(_train_job, cfg, *job, str(ctx.device)): job for job in jobs}
+    futures = {pool.submit(fn, cfg, *job, str(ctx.device)): job for job in jobs}
     for future in ctx.progress(as_completed(futures), desc=desc, total=len(futures)):
         results[futures[future]] = future.result()
     return results
@@ -413,22 +464,13 @@ def run_with(ctx: StudyContext, cfg: Config) -> StudyOutcome:
     start = time.perf_counter()
     seeds = list(ctx.seeds)
     sweep_seed = seeds[0]
-    workers = (cfg.workers or available_cores()) if ctx.device.type == "cpu" else 1
-    pool = None
-    if workers > 1:
-        import multiprocessing
-
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
-    try:
+    with _worker_pool(cfg, ctx) as pool:
         sweep = [(s, m, lr, sweep_seed) for s in SETTINGS for m in METHODS for lr in cfg.lrs]
-        results = _run_jobs(ctx, cfg, sweep, pool, f"lr sweep (seed {sweep_seed})")
+        results = _run_jobs(ctx, _train_job, cfg, sweep, pool, f"lr sweep (seed {sweep_seed})")
         best_lr = {s: {m: min(cfg.lrs, key=lambda lr, s=s, m=m: results[(s, m, lr, sweep_seed)]["validation"])
                        for m in METHODS} for s in SETTINGS}
         rest = [(s, m, best_lr[s][m], seed) for s in SETTINGS for m in METHODS for seed in seeds[1:]]
-        results.update(_run_jobs(ctx, cfg, rest, pool, "other seeds at the chosen lr"))
-    finally:
-        if pool is not None:
-            pool.shutdown()
+        results.update(_run_jobs(ctx, _train_job, cfg, rest, pool, "other seeds at the chosen lr"))
 
     chosen = {s: {m: [results[(s, m, best_lr[s][m], seed)] for seed in seeds] for m in METHODS} for s in SETTINGS}
     test = {s: {m: [r["test"] for r in chosen[s][m]] for m in METHODS} for s in SETTINGS}
@@ -497,7 +539,7 @@ def run_with(ctx: StudyContext, cfg: Config) -> StudyOutcome:
 
     config = {**asdict(cfg), "lrs": list(cfg.lrs), "best_lr": best_lr, "methods_in_verdict": list(CLAIMED),
               "unigram_entropy": entropy,
-              "workers": workers, "training_seconds": time.perf_counter() - start,
+              "workers": _worker_count(cfg, ctx), "training_seconds": time.perf_counter() - start,
               "python": python_version()}  # the corpus is this Python's standard library
     details = {"verdict": table, "reported_parts": [p.as_dict() for p in reported],
                "duplicate_weight_share": shares, "hardest_clean_quarter_share": hard,
@@ -539,7 +581,8 @@ PACKED_STUDY = Study(
     run=lambda ctx: run_packed(ctx, QUICK if ctx.quick else FULL),
     seeds=5,
     quick_seeds=3,  # about 25 CPU-seconds a seed in quick mode: enough seeds for a noise estimate
-    cost=402,
+    cores=2,  # a pool of worker processes, one training run each
+    cost=560,
     description="loss-based reweighting of packed documents vs of whole rows vs uniform on a byte-level GPT",
 )
 

@@ -122,9 +122,14 @@ def test_packed_study_weights_documents(tmp_path):
     from reweighting.studies import get_study
 
     assert get_study("loss-reweighting-packed") is S.PACKED_STUDY
-    ctx = StudyContext(quick=True, seeds=[0], out_dir=tmp_path, device=torch.device("cpu"), show_progress=False)
+    ctx = StudyContext(quick=True, seeds=[0, 1], out_dir=tmp_path, device=torch.device("cpu"), show_progress=False)
     outcome = S.run_packed(ctx, S.SMOKE)
-    assert set(outcome.methods) == set(S.PACKED_METHODS)
+    assert set(outcome.methods) == set(S.PACKED_METHODS) and all(len(v) == 2 for v in outcome.methods.values())
+    # each method runs at the lr of its lowest validation loss in the sweep (seed 0)
+    sweep, chosen = outcome.details["sweep_validation"], outcome.details["chosen_lr"]
+    for m in S.PACKED_METHODS:
+        assert set(sweep[m]) == {str(lr) for lr in S.SMOKE.packed_lrs}
+        assert sweep[m][str(chosen[m])] == min(sweep[m].values())
     share = {m: v[0] for m, v in outcome.details["duplicate_weight_share"].items()}
     # uniform puts about the duplicates' token share there; LinUpper on documents moves weight off the
     # (quickly learned, low-loss) duplicate documents, more precisely than weighting whole rows can
