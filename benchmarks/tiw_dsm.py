@@ -18,14 +18,16 @@ from benchmarks import median_ratio, print_table, time_interleaved, write_result
 
 CASES = [
     # name, data dim, score hidden, discriminator hidden, batch
-    ("2-D points (study)", 2, 128, 128, 256),
+    ("2-D points, plain eps MLP", 2, 128, 128, 256),
+    # the study's own score model: EDM-preconditioned denoiser on 64 Fourier features, x0 loss
+    ("2-D points (study model)", 2, 128, 128, 256),
     ("8x8 digits (study)", 64, 256, 64, 256),
     ("64-d, disc 1/4 width", 64, 512, 128, 256),
     ("64-d, same size", 64, 512, 512, 256),
 ]
 
 
-def _step_fns(dim: int, hidden: int, disc_hidden: int, batch: int):
+def _step_fns(dim: int, hidden: int, disc_hidden: int, batch: int, study_model: bool = False):
     from reweighting.diffusion import (
         TimeDependentDiscriminator,
         TimeDependentRatio,
@@ -35,9 +37,15 @@ def _step_fns(dim: int, hidden: int, disc_hidden: int, batch: int):
         tiw_dsm_loss,
     )
 
-    schedule = VPCosine()
+    schedule, prediction, loss_weight = VPCosine(), "eps", None
     torch.manual_seed(0)
     model = TimeMLP(dim, hidden=hidden, depth=3)
+    if study_model:
+        from reweighting.studies import tiw_dsm
+
+        schedule = tiw_dsm.make_study_schedule(tiw_dsm.FULL)
+        model = tiw_dsm.make_score_model(tiw_dsm.FULL, dim, schedule, seed=0)
+        prediction, loss_weight = tiw_dsm.FULL.prediction, model.loss_weight
     disc = TimeDependentDiscriminator(TimeMLP(dim, 1, hidden=disc_hidden, depth=3, squeeze=True)).eval()
     ratio = TimeDependentRatio(disc, reference_fraction=0.05)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -45,13 +53,13 @@ def _step_fns(dim: int, hidden: int, disc_hidden: int, batch: int):
     g = torch.Generator().manual_seed(0)
 
     def dsm_step():
-        loss, _ = dsm_loss(model, x0, schedule, generator=g)
+        loss, _ = dsm_loss(model, x0, schedule, prediction=prediction, generator=g, loss_weight=loss_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     def tiw_step():
-        loss, _ = tiw_dsm_loss(model, x0, schedule, ratio, generator=g)
+        loss, _ = tiw_dsm_loss(model, x0, schedule, ratio, prediction=prediction, generator=g, loss_weight=loss_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -63,7 +71,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for name, dim, hidden, disc_hidden, batch in CASES:
-        times = time_interleaved(_step_fns(dim, hidden, disc_hidden, batch), repeats=30, warmup=5, inner=5)
+        fns = _step_fns(dim, hidden, disc_hidden, batch, study_model=name.endswith("(study model)"))
+        times = time_interleaved(fns, repeats=30, warmup=5, inner=5)
         rows.append({
             "case": name,
             "batch": batch,
