@@ -151,7 +151,7 @@ def test_corrected_x0_target_is_minimised_by_the_data_denoiser():
     assert data < bias
     assert shifted - data == pytest.approx(0.1**2, rel=0.05)  # mean over the 2 dims of a 0.1 shift squared
     # the plain DSM loss is smallest at the biased denoiser instead
-    plain = {k: float(dsm_loss(d, x0, schedule, prediction="x0", t=t, noise=noise)[0])
+    plain = {k: float(dsm_loss(d, x0, schedule, prediction="x0", t=t, noise=noise)[0].detach())
              for k, d in (("data", Denoiser(m)), ("bias", Denoiser(torch.zeros(2))))}
     assert plain["bias"] < plain["data"]
 
