@@ -552,6 +552,7 @@ STUDY = Study(
     lower_is_better=True,
     run=_run,
     seeds=3,
+    cost=450,
     quick_seeds=1,
     description="PRESENCE vs uniform on a byte-level GPT with 30% corrupted windows, after an AUROC table of "
                 "self-influence per corruption and choice of K",

@@ -50,7 +50,9 @@ class SmolConfig:
     test_samples: int = 8
     prompts_per_call: int = 16  # prompts (times k sequences) per generate call
     ks: tuple[int, ...] = (1, 2, 4, 8)
-    betas: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3, 1.0)
+    # Up to 10 (near a uniform pick, pass@1): with the grid ending at 1, every seed chose beta = 1 at
+    # k >= 16, the end of the grid, so the tuned result at large k was capped by the grid, not the probe.
+    betas: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
     beta: float | None = None  # None: each probe's own beta, chosen on its training prompts
     # As in the ``qprobe`` study: the paper's lr of 5e-5 is tuned for ~100x more samples.
     probe_lr: float = 1e-3
@@ -177,5 +179,7 @@ STUDY = Study(
     seeds=5,
     quick_seeds=2,  # probes are cheap once the samples are cached; sampling dominates
     description="Q-probe selection on SmolLM2-135M-Instruct's answers to one-digit arithmetic in words",
+    cores=2,
+    cost=500,
     threads=2,  # the budget is two cores; more threads only contend (fixed: the numbers depend on it)
 )
