@@ -849,6 +849,7 @@ STUDY = Study(
     run=run,
     seeds=3,
     quick_seeds=1,
+    cost=540,
     description="TIW-DSM vs DSM(ref), DSM(obs), IW-DSM and ablations on thin 2-D rings (8x8 digits optional)",
 )
 
