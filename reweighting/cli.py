@@ -139,7 +139,7 @@ def _already_done(folder: Path, quick: bool, seeds: int | None) -> bool:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .report import JOB_FILE, build_report
     from .studies import all_studies, get_study, run_study
-    from .studies.parallel import available_cores, run_parallel
+    from .studies.parallel import CHILD_ENV, available_cores, run_parallel
 
     studies = [get_study(n) for n in args.studies] if args.studies else list(all_studies().values())
     check_device(args.device, allow_auto=True)
@@ -179,7 +179,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             print(f"[{study.name}] {study.claim}")
             done(study.name, run_study(study, quick=args.quick, num_seeds=args.seeds, out_dir=out,
                                        device=args.device, show_progress=not args.no_progress))
-    if todo:  # the whole job's time, which the report states beside the per-study times
+    if todo and not os.environ.get(CHILD_ENV):  # the whole job's time, stated beside the per-study times
         (out / JOB_FILE).write_text(json.dumps({"studies": [s.name for s in todo], "jobs": jobs, "quick": args.quick,
                                                 "seconds": time.perf_counter() - start, "failed": crashed}) + "\n")
     report = build_report(out)

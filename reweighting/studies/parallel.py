@@ -26,12 +26,15 @@ from pathlib import Path
 
 from . import Study
 
-__all__ = ["StudyProcess", "run_parallel", "next_study", "last_progress", "available_cores", "LOG_FILE", "CORES_ENV"]
+__all__ = ["StudyProcess", "run_parallel", "next_study", "last_progress", "available_cores", "LOG_FILE", "CORES_ENV",
+           "CHILD_ENV"]
 
 LOG_FILE = "log.txt"
 # A study in a child process learns how many cores it was given from this variable (a worker pool
 # sizes itself by it); unset, it uses every core it may run on.
 CORES_ENV = "REWEIGHTING_CORES"
+# Set in a child: the parent, not the child, writes the whole job's record (job.json).
+CHILD_ENV = "REWEIGHTING_REPRODUCE_CHILD"
 
 
 @dataclass
@@ -137,7 +140,7 @@ def run_parallel(
                 folder = out_dir / nxt.name
                 folder.mkdir(parents=True, exist_ok=True)
                 log = folder / LOG_FILE
-                env = {**os.environ, CORES_ENV: str(fitted[nxt.name]),
+                env = {**os.environ, CORES_ENV: str(fitted[nxt.name]), CHILD_ENV: "1",
                        # a progress bar in a log file: a redraw every few seconds is enough
                        "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "5")}
                 with open(log, "wb") as f:

@@ -14,7 +14,7 @@ import pytest
 
 from reweighting.cli import main
 from reweighting.studies import STUDIES_ENV, Study, StudyOutcome
-from reweighting.studies.parallel import CORES_ENV, available_cores, last_progress, next_study, run_parallel
+from reweighting.studies.parallel import CHILD_ENV, CORES_ENV, available_cores, last_progress, next_study, run_parallel
 
 
 def _study(name: str, cores: int = 1, cost: float = 0.0) -> Study:
@@ -155,6 +155,7 @@ def test_reproduce_with_jobs_gives_the_numbers_of_one_process_and_reports_a_cras
     assert not (parallel / "toy-par-bad" / "results.json").exists()
     job = json.loads((parallel / "job.json").read_text())
     assert job["jobs"] == 2 and job["failed"] == ["toy-par-bad"] and job["seconds"] > 0
+    assert job["studies"] == ["toy-par-a", "toy-par-b", "toy-par-bad"]
     assert "with at most 2 core(s) busy" in (parallel / "report.md").read_text()
     captured = capsys.readouterr()
     assert "[toy-par-a] claim: holds" in captured.out and "report:" in captured.out
@@ -193,3 +194,10 @@ run_parallel([study], 1, lambda s: [sys.executable, "-c", script], __import__("p
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_child_leaves_the_job_record_to_its_parent(toy_studies, monkeypatch):
+    monkeypatch.setenv(CHILD_ENV, "1")
+    out = toy_studies / "child"
+    assert main(["reproduce", "toy-par-a", "--jobs", "1", "--out", str(out), "--no-progress"]) == 0
+    assert (out / "toy-par-a" / "results.json").exists() and not (out / "job.json").exists()
