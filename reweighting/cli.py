@@ -139,7 +139,7 @@ def _already_done(folder: Path, quick: bool, seeds: int | None) -> bool:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .report import JOB_FILE, build_report
     from .studies import all_studies, get_study, run_study
-    from .studies.parallel import CHILD_ENV, available_cores, run_parallel
+    from .studies.parallel import CHILD_ENV, run_parallel
 
     studies = [get_study(n) for n in args.studies] if args.studies else list(all_studies().values())
     check_device(args.device, allow_auto=True)
@@ -153,7 +153,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             print(f"[{study.name}] results exist, skipped (--skip-existing)")
         else:
             todo.append(study)
-    jobs = args.jobs if args.jobs is not None else available_cores()
+    jobs = args.jobs if args.jobs is not None else _default_jobs(args.device)
     start = time.perf_counter()
     failed, crashed = [], []
 
@@ -190,6 +190,17 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"studies that stopped with an error (see their log.txt): {', '.join(crashed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _default_jobs(device: str) -> int:
+    """Every core on a CPU; one study at a time on a GPU (studies side by side would share it)."""
+    import torch
+
+    from .studies.parallel import available_cores
+
+    if device != "cpu" and torch.cuda.is_available():
+        return 1
+    return available_cores()
 
 
 def _child_command(study: str, args: argparse.Namespace) -> list[str]:
@@ -235,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=positive_int, default=None,
                    help="cores to keep busy: with more than one, studies run side by side in child processes "
                         "(each writes <out>/<study>/log.txt; the numbers are the same). By default every core "
-                        "this process may use")
+                        "this process may use, or 1 when the studies run on a GPU")
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("report", help="rebuild report.md from the results in --out", formatter_class=HelpFormatter)

@@ -201,3 +201,15 @@ def test_a_child_leaves_the_job_record_to_its_parent(toy_studies, monkeypatch):
     out = toy_studies / "child"
     assert main(["reproduce", "toy-par-a", "--jobs", "1", "--out", str(out), "--no-progress"]) == 0
     assert (out / "toy-par-a" / "results.json").exists() and not (out / "job.json").exists()
+
+
+def test_on_a_gpu_studies_run_one_at_a_time_unless_asked(toy_studies, monkeypatch):
+    import torch
+
+    import reweighting.cli as cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli._default_jobs("auto") == 1 and cli._default_jobs("cuda:0") == 1
+    assert cli._default_jobs("cpu") == available_cores()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli._default_jobs("auto") == available_cores()
