@@ -103,6 +103,9 @@ def run_command(args: argparse.Namespace, prog: str = "reweighting") -> int:
     """Run ``args.func(args)``; user errors become one line on stderr and exit status 2."""
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     except (UsageError, ValueError, OSError) as err:
         if os.environ.get("REWEIGHTING_TRACEBACK"):
             raise
@@ -132,16 +135,21 @@ def _already_done(folder: Path, quick: bool, seeds: int | None) -> bool:
     path = folder / RESULTS_FILE
     if not path.exists():
         return False
-    previous = json.loads(path.read_text())
-    return previous.get("quick") == quick and (seeds is None or previous["config"].get("seeds") == seeds)
+    try:
+        previous = json.loads(path.read_text())
+    except ValueError as err:
+        raise UsageError(f"--skip-existing: {path} is not valid JSON ({err}); delete it or re-run without "
+                         "--skip-existing") from None
+    return previous.get("quick") == quick and (seeds is None or (previous.get("config") or {}).get("seeds") == seeds)
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .report import JOB_FILE, build_report
-    from .studies import all_studies, get_study, run_study
-    from .studies.parallel import CHILD_ENV, run_parallel
+    from .studies import all_studies, discoverable, get_study, run_study
+    from .studies.parallel import CHILD_ENV, CORES_ENV, run_parallel
 
-    studies = [get_study(n) for n in args.studies] if args.studies else list(all_studies().values())
+    names = list(dict.fromkeys(args.studies))  # a name given twice runs once
+    studies = [get_study(n) for n in names] if names else list(all_studies().values())
     check_device(args.device, allow_auto=True)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -154,6 +162,16 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         else:
             todo.append(study)
     jobs = args.jobs if args.jobs is not None else _default_jobs(args.device)
+    child = bool(os.environ.get(CHILD_ENV))
+    if args.jobs is not None and not child:  # in this process too, a worker pool keeps to --jobs
+        os.environ[CORES_ENV] = str(args.jobs)
+    # A child finds studies again by importing their modules: one registered only in this process
+    # (or replaced here after discovery) would be missing there, or silently be another study.
+    in_process = [s.name for s in todo if not discoverable(s)]
+    if jobs > 1 and len(todo) > 1 and in_process:
+        print(f"running one study at a time in this process: {', '.join(in_process)} "
+              f"registered here, not in a module a child process imports (see REWEIGHTING_STUDIES)")
+        jobs = 1
     start = time.perf_counter()
     failed, crashed = [], []
 
@@ -167,11 +185,20 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         from .studies import RESULTS_FILE
 
         def finished(study, code: int) -> None:
+            path = out / study.name / RESULTS_FILE
             if code == 0:
-                done(study.name, json.loads((out / study.name / RESULTS_FILE).read_text()))
-            else:
-                crashed.append(study.name)
+                try:
+                    done(study.name, json.loads(path.read_text()))
+                    return
+                except (OSError, ValueError, KeyError) as err:
+                    print(f"[{study.name}] FAILED: its process ended without error but {path} could not be read "
+                          f"({err})")
+            crashed.append(study.name)
 
+        for study in todo:  # this run's results only: a study that fails leaves no earlier verdict behind
+            previous = out / study.name / RESULTS_FILE
+            if previous.exists():
+                previous.replace(previous.with_name("results.previous.json"))
         print(f"running {len(todo)} studies in child processes, at most {jobs} cores busy")
         run_parallel(todo, jobs, lambda study: _child_command(study.name, args), out, on_done=finished)
     else:
@@ -179,7 +206,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             print(f"[{study.name}] {study.claim}")
             done(study.name, run_study(study, quick=args.quick, num_seeds=args.seeds, out_dir=out,
                                        device=args.device, show_progress=not args.no_progress))
-    if todo and not os.environ.get(CHILD_ENV):  # the whole job's time, stated beside the per-study times
+    if child:  # the parent writes the job's record and the report, once every study has ended
+        return 0
+    if todo:  # the whole job's time, stated beside the per-study times
         (out / JOB_FILE).write_text(json.dumps({"studies": [s.name for s in todo], "jobs": jobs, "quick": args.quick,
                                                 "seconds": time.perf_counter() - start, "failed": crashed}) + "\n")
     report = build_report(out)
@@ -205,8 +234,8 @@ def _default_jobs(device: str) -> int:
 
 def _child_command(study: str, args: argparse.Namespace) -> list[str]:
     """``reproduce`` of one study in a child process, with this command's options."""
-    command = [sys.executable, "-m", "reweighting", "reproduce", study, "--out", str(args.out),
-               "--device", args.device, "--jobs", "1"]
+    command = [sys.executable, "-m", "reweighting", "reproduce", study, f"--out={args.out}",
+               f"--device={args.device}", "--jobs", "1"]
     if args.quick:
         command.append("--quick")
     if args.seeds is not None:

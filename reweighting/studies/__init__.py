@@ -25,7 +25,7 @@ import torch
 
 __all__ = ["Study", "StudyContext", "StudyOutcome", "Baseline", "ClaimPart", "check_baseline", "compare",
            "decide", "register", "all_studies", "get_study", "run_study", "summarize", "RESULTS_FILE",
-           "HOLDS", "DOES_NOT_HOLD", "INCONCLUSIVE", "STUDIES_ENV"]
+           "HOLDS", "DOES_NOT_HOLD", "INCONCLUSIVE", "STUDIES_ENV", "discoverable"]
 
 RESULTS_FILE = "results.json"
 STUDIES_ENV = "REWEIGHTING_STUDIES"
@@ -203,9 +203,19 @@ class Study:
     cores: int = 1
     cost: float = 0.0
 
+    def __post_init__(self) -> None:
+        for name in ("threads", "cores", "seeds", "quick_seeds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Study {self.name!r}: {name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.cost, (int, float)) and math.isfinite(self.cost) and self.cost >= 0):
+            raise ValueError(f"Study {self.name!r}: cost must be a finite number >= 0, got {self.cost!r}")
+
 
 _REGISTRY: dict[str, Study] = {}
 _DISCOVERED = False
+# What discovery found, by name: the studies a fresh process (reproduce's children) finds the same.
+_FROM_MODULES: dict[str, Study] = {}
 
 
 def register(study: Study) -> Study:
@@ -214,15 +224,32 @@ def register(study: Study) -> Study:
     return study
 
 
+def discoverable(study: Study) -> bool:
+    """Whether a fresh process finds this very study by name (it comes from a study module, and
+    nothing replaced it since), so that it can run in a child process."""
+    _discover()
+    return _FROM_MODULES.get(study.name) is study
+
+
 def _discover() -> None:
     global _DISCOVERED
     if _DISCOVERED:
         return
     _DISCOVERED = True
+    modules = _import_study_modules()
+    # a study module may register() several studies on import; each whose code lives in one of
+    # these modules is found again by a fresh process
+    _FROM_MODULES.update({n: s for n, s in _REGISTRY.items() if getattr(s.run, "__module__", None) in modules})
+
+
+def _import_study_modules() -> set[str]:
+    """Import the package's study modules and those named in REWEIGHTING_STUDIES; their names."""
+    modules = set()
     for info in pkgutil.iter_modules(__path__):
         if info.name.startswith("_"):
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
+        modules.add(module.__name__)
         study = getattr(module, "STUDY", None)
         if isinstance(study, Study):
             register(study)
@@ -231,11 +258,14 @@ def _discover() -> None:
     for name in filter(None, (n.strip() for n in os.environ.get(STUDIES_ENV, "").split(","))):
         try:
             module = importlib.import_module(name)
-        except ImportError as err:
-            raise ValueError(f"{STUDIES_ENV}: cannot import study module {name!r} ({err})") from err
+        except Exception as err:  # any failure on import: one line naming the module, not a traceback
+            raise ValueError(f"{STUDIES_ENV}: cannot import study module {name!r} "
+                             f"({type(err).__name__}: {err})") from err
+        modules.add(module.__name__)
         study = getattr(module, "STUDY", None)
         if isinstance(study, Study):
             register(study)
+    return modules
 
 
 def all_studies() -> dict[str, Study]:
@@ -381,5 +411,8 @@ def run_study(
         "plots": list(outcome.plots),
     }
     results = _jsonable(results)
-    (folder / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    # written whole or not at all: a reader (the report, another process) never sees half a file
+    partial = folder / (RESULTS_FILE + ".partial")
+    partial.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(partial, folder / RESULTS_FILE)
     return results

@@ -64,19 +64,25 @@ def next_study(pending: Sequence[Study], free: int, cores: dict[str, int]) -> St
     return max(fitting, key=lambda s: s.cost, default=None)
 
 
-def last_progress(log: Path, tail_bytes: int = 4096) -> str:
-    """The latest progress line of a child's log: the last non-empty segment between carriage
-    returns and newlines (a progress bar redraws itself with ``\\r``)."""
+def _tail(log: Path, tail_bytes: int) -> list[str]:
+    """The non-empty lines of the end of a log (a progress bar's redraws, split at ``\\r``, count as
+    lines), without control characters; reads at most ``tail_bytes``."""
     try:
         with open(log, "rb") as f:
             f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - tail_bytes))
+            f.seek(max(0, f.tell() - tail_bytes))
             text = f.read().decode("utf-8", errors="replace")
     except OSError:
-        return ""
-    segments = [s.strip() for s in text.replace("\r", "\n").split("\n")]
-    return next((s for s in reversed(segments) if s), "")
+        return []
+    lines = (s.strip() for s in text.replace("\r", "\n").split("\n"))
+    return [s for s in ("".join(c for c in line if c.isprintable()) for line in lines) if s]
+
+
+def last_progress(log: Path, tail_bytes: int = 4096) -> str:
+    """The latest progress line of a child's log: the last non-empty segment between carriage
+    returns and newlines (a progress bar redraws itself with ``\\r``)."""
+    lines = _tail(log, tail_bytes)
+    return lines[-1] if lines else ""
 
 
 def _clock(seconds: float) -> str:
@@ -84,23 +90,44 @@ def _clock(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
-def _stop(running: Sequence[StudyProcess]) -> None:
-    """End every child and its own children (a study's worker pool): each runs in its own session."""
-    for r in running:
-        if r.process.poll() is None:
+def _stop(running: Sequence[StudyProcess], grace: float = 10.0) -> None:
+    """End every child and its own children (a study's worker pool): each runs in its own process
+    group. SIGTERM first; after ``grace`` seconds SIGKILL to every group, so that nothing that
+    ignores SIGTERM, a grandchild included, is left. A second Ctrl-C does not cut this short."""
+    def signal_groups(sig: int) -> None:
+        for r in running:
             try:
-                os.killpg(r.process.pid, signal.SIGTERM)
-            except ProcessLookupError:
+                os.killpg(r.process.pid, sig)
+            except (ProcessLookupError, PermissionError):
                 pass
-    for r in running:
-        try:
-            r.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+
+    old_int = None
+    if threading.current_thread() is threading.main_thread():
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        signal_groups(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for r in running:
             try:
-                os.killpg(r.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                r.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 pass
+        signal_groups(signal.SIGKILL)
+        for r in running:
             r.process.wait()
+    finally:
+        if old_int is not None:
+            signal.signal(signal.SIGINT, old_int)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
+    return f"exit status {code}"
 
 
 def run_parallel(
@@ -125,10 +152,10 @@ def run_parallel(
     status: dict[str, int] = {}
     start = last_report = time.perf_counter()
     # The children run in their own sessions (so that their worker pools can be ended with them), out
-    # of reach of the terminal's Ctrl-C and of a SIGTERM sent to this process: both end them here.
-    previous = None
+    # of reach of the terminal's Ctrl-C and hang-up and of a SIGTERM sent to this process: all end them here.
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminated)
+        previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while pending or running:
             free = jobs - sum(r.cores for r in running)
@@ -137,15 +164,20 @@ def run_parallel(
                 if nxt is None:
                     break
                 pending.remove(nxt)
-                folder = out_dir / nxt.name
-                folder.mkdir(parents=True, exist_ok=True)
-                log = folder / LOG_FILE
+                log = out_dir / nxt.name / LOG_FILE
                 env = {**os.environ, CORES_ENV: str(fitted[nxt.name]), CHILD_ENV: "1",
                        # a progress bar in a log file: a redraw every few seconds is enough
                        "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "5")}
-                with open(log, "wb") as f:
-                    process = subprocess.Popen(command(nxt), stdout=f, stderr=subprocess.STDOUT, env=env,
-                                               stdin=subprocess.DEVNULL, start_new_session=True)
+                try:
+                    log.parent.mkdir(parents=True, exist_ok=True)
+                    with open(log, "wb") as f:
+                        process = subprocess.Popen(command(nxt), stdout=f, stderr=subprocess.STDOUT, env=env,
+                                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                except OSError as err:  # this study's own failure: the others carry on
+                    echo(f"[{nxt.name}] FAILED to start: {err}")
+                    status[nxt.name] = 1
+                    on_done(nxt, 1)
+                    continue
                 running.append(StudyProcess(nxt, fitted[nxt.name], process, log))
                 free -= fitted[nxt.name]
                 echo(f"[{nxt.name}] started on {fitted[nxt.name]} core(s) at {_clock(time.perf_counter() - start)}; "
@@ -156,8 +188,8 @@ def run_parallel(
                 code = r.process.returncode
                 status[r.study.name] = code
                 if code != 0:
-                    tail = r.log.read_text(errors="replace").replace("\r", "\n").strip().splitlines()[-15:]
-                    echo(f"[{r.study.name}] FAILED (exit status {code}) after "
+                    tail = _tail(r.log, 64 * 1024)[-15:]
+                    echo(f"[{r.study.name}] FAILED ({_describe_exit(code)}) after "
                          f"{_clock(time.perf_counter() - r.started)}; end of {r.log}:\n    " + "\n    ".join(tail))
                 on_done(r.study, code)
             now = time.perf_counter()
@@ -170,8 +202,8 @@ def run_parallel(
         _stop(running)
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return status
 
 

@@ -94,9 +94,7 @@ def test_run_parallel_stops_its_children_when_interrupted(tmp_path):
         run_parallel([_study("sleeper")], 1, lambda s: [sys.executable, "-c", script], tmp_path,
                      on_done=lambda s, c: None, report_every=0.05, poll=0.05, echo=echo)
     assert time.perf_counter() - start < 30
-    pid = int(pid_file.read_text())
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
+    assert not _alive(int(pid_file.read_text()))
 
 
 TOY_MODULE = """
@@ -112,6 +110,9 @@ def run(ctx):
         pass
     if {fail}:
         raise RuntimeError("this toy study breaks")
+    if ctx.out_dir.name == "toy-par-noresult":
+        import os
+        os._exit(0)  # ends "successfully" without writing results.json
     return StudyOutcome(methods=values, holds=True, config={{}})
 
 
@@ -124,7 +125,7 @@ for name in {names}:
 def toy_studies(tmp_path, monkeypatch):
     (tmp_path / "mods").mkdir()
     (tmp_path / "mods" / "toy_parallel_ok.py").write_text(textwrap.dedent(TOY_MODULE.format(
-        fail=False, names=["toy-par-a", "toy-par-b"])))
+        fail=False, names=["toy-par-a", "toy-par-b", "toy-par-noresult"])))
     (tmp_path / "mods" / "toy_parallel_bad.py").write_text(textwrap.dedent(TOY_MODULE.format(
         fail=True, names=["toy-par-bad"])))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "mods"))
@@ -134,6 +135,7 @@ def toy_studies(tmp_path, monkeypatch):
 
     monkeypatch.setattr(studies, "_DISCOVERED", False)
     monkeypatch.setattr(studies, "_REGISTRY", dict(studies._REGISTRY))  # the toys leave with the test
+    monkeypatch.setattr(studies, "_FROM_MODULES", dict(studies._FROM_MODULES))
     for module in ("toy_parallel_ok", "toy_parallel_bad"):  # imported afresh, so they register again
         monkeypatch.delitem(sys.modules, module, raising=False)
     return tmp_path
@@ -172,15 +174,23 @@ def test_an_unimportable_study_module_is_a_clear_error(monkeypatch, capsys):
     assert "REWEIGHTING_STUDIES: cannot import study module 'no_such_module_here'" in capsys.readouterr().err
 
 
-def test_a_terminated_reproduce_ends_its_studies(tmp_path):
-    """SIGTERM to the parent (a job scheduler's kill) must not leave studies running on their own."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_terminated_reproduce_ends_its_studies(tmp_path, sig):
+    """SIGTERM (a job scheduler's kill) or SIGHUP (a closed terminal) to the parent must not leave
+    studies, or their own children, running on their own."""
     pid_file = tmp_path / "pid"
     parent = f"""
 import sys
 from reweighting.studies import Study, StudyOutcome
 from reweighting.studies.parallel import run_parallel
 study = Study(name="s", claim="c", metric="m", lower_is_better=True, run=None)
-script = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+script = ("import os, signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+          "g = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+          "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)']); "
+          "open({str(pid_file)!r}, 'w').write(str(os.getpid()) + ' ' + str(g.pid)); time.sleep(60)")
+import reweighting.studies.parallel as P
+stop = P._stop
+P._stop = lambda running: stop(running, grace=1.0)
 run_parallel([study], 1, lambda s: [sys.executable, "-c", script], __import__("pathlib").Path({str(tmp_path)!r}),
              on_done=lambda s, c: None, poll=0.05)
 """
@@ -189,11 +199,26 @@ run_parallel([study], 1, lambda s: [sys.executable, "-c", script], __import__("p
     while not pid_file.exists() and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.2)
-    process.terminate()
-    assert process.wait(timeout=30) == 128 + signal.SIGTERM
-    pid = int(pid_file.read_text())
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
+    process.send_signal(sig)
+    assert process.wait(timeout=30) == 128 + sig
+    # the child and its grandchild ignore SIGTERM: both are gone all the same
+    for pid in map(int, pid_file.read_text().split()):
+        assert not _alive(pid), pid
+
+
+def _alive(pid: int, wait: float = 5.0) -> bool:
+    """Whether a process still runs (a zombie waiting for its reaper does not count)."""
+    deadline = time.time() + wait
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return False
+        except (ProcessLookupError, FileNotFoundError):
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def test_a_child_leaves_the_job_record_to_its_parent(toy_studies, monkeypatch):
@@ -213,3 +238,49 @@ def test_on_a_gpu_studies_run_one_at_a_time_unless_asked(toy_studies, monkeypatc
     assert cli._default_jobs("cpu") == available_cores()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli._default_jobs("auto") == available_cores()
+
+
+def test_reproduce_with_jobs_survives_odd_inputs(toy_studies, monkeypatch, capsys):
+    """A name given twice runs once; an --out that looks like an option reaches the children; a
+    study that ends without results fails alone; an earlier verdict does not stand in for a crash."""
+    monkeypatch.chdir(toy_studies)
+    out = toy_studies / "-res"
+    (out / "toy-par-noresult").mkdir(parents=True)
+    (out / "toy-par-noresult" / "results.json").write_text('{"stale": true}')
+    code = main(["reproduce", "toy-par-a", "toy-par-a", "toy-par-noresult", "--jobs", "2", "--out=-res",
+                 "--no-progress"])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "toy-par-noresult" in captured.err and "could not be read" in captured.out
+    assert json.loads((out / "job.json").read_text())["studies"] == ["toy-par-a", "toy-par-noresult"]
+    assert (out / "toy-par-a" / "results.json").exists()
+    assert not (out / "toy-par-noresult" / "results.json").exists()  # moved aside, not reported as this run's
+    assert json.loads((out / "toy-par-noresult" / "results.previous.json").read_text()) == {"stale": True}
+
+
+def test_a_broken_results_file_of_another_study_fails_only_the_report(toy_studies, capsys):
+    out = toy_studies / "res"
+    (out / "old").mkdir(parents=True)
+    (out / "old" / "results.json").write_text('{"study": "old", tru')
+    assert main(["reproduce", "toy-par-a", "toy-par-b", "--jobs", "2", "--out", str(out), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert "FAILED" not in captured.out and "old/results.json is not valid JSON" in captured.err
+    assert (out / "toy-par-a" / "results.json").exists() and (out / "toy-par-b" / "results.json").exists()
+
+
+def test_a_study_registered_only_here_runs_here(toy_studies, capsys):
+    from reweighting.studies import discoverable, get_study, register
+
+    here = register(_study("toy-par-here"))
+    assert not discoverable(here) and discoverable(get_study("toy-par-a"))
+    out = toy_studies / "res"
+    assert main(["reproduce", "toy-par-here", "toy-par-a", "--jobs", "2", "--out", str(out), "--no-progress"]) == 0
+    assert "running one study at a time in this process: toy-par-here" in capsys.readouterr().out
+    assert not (out / "toy-par-a" / "log.txt").exists()  # no child process
+
+
+@pytest.mark.parametrize("field, value", [("cores", 0), ("cores", -1), ("threads", 0), ("cost", float("nan")),
+                                          ("cost", -1.0), ("seeds", 0)])
+def test_a_study_with_a_bad_setting_is_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        Study(name="bad", claim="c", metric="m", lower_is_better=True, run=lambda ctx: None, **{field: value})
