@@ -9,6 +9,7 @@ its own errors; arguments and files are checked before anything slow starts. Set
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -163,8 +164,6 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             todo.append(study)
     jobs = args.jobs if args.jobs is not None else _default_jobs(args.device)
     child = bool(os.environ.get(CHILD_ENV))
-    if args.jobs is not None and not child:  # in this process too, a worker pool keeps to --jobs
-        os.environ[CORES_ENV] = str(args.jobs)
     # A child finds studies again by importing their modules: one registered only in this process
     # (or replaced here after discovery) would be missing there, or silently be another study.
     in_process = [s.name for s in todo if not discoverable(s)]
@@ -202,10 +201,12 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"running {len(todo)} studies in child processes, at most {jobs} cores busy")
         run_parallel(todo, jobs, lambda study: _child_command(study.name, args), out, on_done=finished)
     else:
-        for study in todo:
-            print(f"[{study.name}] {study.claim}")
-            done(study.name, run_study(study, quick=args.quick, num_seeds=args.seeds, out_dir=out,
-                                       device=args.device, show_progress=not args.no_progress))
+        # in this process too, a study's worker pool keeps to --jobs (a child's cores come from its parent)
+        with _environment(CORES_ENV, str(args.jobs) if args.jobs is not None and not child else None):
+            for study in todo:
+                print(f"[{study.name}] {study.claim}")
+                done(study.name, run_study(study, quick=args.quick, num_seeds=args.seeds, out_dir=out,
+                                           device=args.device, show_progress=not args.no_progress))
     if child:  # the parent writes the job's record and the report, once every study has ended
         return 0
     if todo:  # the whole job's time, stated beside the per-study times
@@ -219,6 +220,23 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"studies that stopped with an error (see their log.txt): {', '.join(crashed)}", file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str | None):
+    """``os.environ[name] = value`` for the duration (nothing when ``value`` is None)."""
+    if value is None:
+        yield
+        return
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def _default_jobs(device: str) -> int:

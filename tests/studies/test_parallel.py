@@ -276,6 +276,7 @@ def test_a_study_registered_only_here_runs_here(toy_studies, capsys):
     out = toy_studies / "res"
     assert main(["reproduce", "toy-par-here", "toy-par-a", "--jobs", "2", "--out", str(out), "--no-progress"]) == 0
     assert "running one study at a time in this process: toy-par-here" in capsys.readouterr().out
+    assert CORES_ENV not in os.environ  # --jobs bounds the command's own worker pools, and only while it runs
     assert not (out / "toy-par-a" / "log.txt").exists()  # no child process
 
 
