@@ -33,7 +33,8 @@ LOG_FILE = "log.txt"
 # A study in a child process learns how many cores it was given from this variable (a worker pool
 # sizes itself by it); unset, it uses every core it may run on.
 CORES_ENV = "REWEIGHTING_CORES"
-# Set in a child: the parent, not the child, writes the whole job's record (job.json).
+# Set in a child: the parent, not the child, writes the whole job's record (job.json) and the report,
+# once every study has ended (a child reading its siblings' results mid-write saw half a file).
 CHILD_ENV = "REWEIGHTING_REPRODUCE_CHILD"
 
 
