@@ -145,9 +145,17 @@ def _already_done(folder: Path, quick: bool, seeds: int | None) -> bool:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from .report import JOB_FILE, build_report
+    from .studies.protocol import PERTURB_ENV
+
+    # the children of --jobs inherit the perturbation with the environment
+    with _environment(PERTURB_ENV, args.perturb):
+        return _reproduce(args)
+
+
+def _reproduce(args: argparse.Namespace) -> int:
     from .studies import all_studies, discoverable, get_study, run_study
     from .studies.parallel import CHILD_ENV, CORES_ENV, run_parallel
+    from .studies.report import JOB_FILE, build_report
 
     names = list(dict.fromkeys(args.studies))  # a name given twice runs once
     studies = [get_study(n) for n in names] if names else list(all_studies().values())
@@ -211,7 +219,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         return 0
     if todo:  # the whole job's time, stated beside the per-study times
         (out / JOB_FILE).write_text(json.dumps({"studies": [s.name for s in todo], "jobs": jobs, "quick": args.quick,
-                                                "seconds": time.perf_counter() - start, "failed": crashed}) + "\n")
+                                                "seconds": time.perf_counter() - start, "failed": crashed,
+                                                "perturbation": args.perturb}) + "\n")
     report = build_report(out)
     print(f"report: {report} ({time.perf_counter() - start:.0f} s wall in all)")
     if failed:
@@ -264,11 +273,18 @@ def _child_command(study: str, args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report
+    from .studies.report import build_report
 
     if not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is not a folder (run 'reweighting reproduce --out {args.out}' first)")
     print(build_report(Path(args.out)))
+    if args.publish is not None:
+        from .studies.publish import publish
+
+        if not Path(args.publish).is_dir():
+            raise UsageError(f"--publish {args.publish} is not a folder (the repository root to publish into)")
+        for path in publish(args.out, args.publish):
+            print(f"published: {path}")
     return 0
 
 
@@ -294,10 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cores to keep busy: with more than one, studies run side by side in child processes "
                         "(each writes <out>/<study>/log.txt; the numbers are the same). By default every core "
                         "this process may use, or 1 when the studies run on a GPU")
+    p.add_argument("--perturb", choices=("ulp", "threads"), default=None,
+                   help="change only floating-point rounding, to check that no verdict rests on it: 'ulp' moves "
+                        "every initial weight by one unit in the last place, 'threads' adds an intra-op thread")
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("report", help="rebuild report.md from the results in --out", formatter_class=HelpFormatter)
     p.add_argument("--out", default="results", help="folder holding <study>/results.json")
+    p.add_argument("--publish", nargs="?", const=".", default=None, metavar="ROOT",
+                   help="also write ROOT/docs/results.json and regenerate the results tables of ROOT/README.md "
+                        "and ROOT/docs/studies.md from it (ROOT: the repository, default '.')")
     p.set_defaults(func=_cmd_report)
 
     for module_name in _EXTRA_COMMANDS:

@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-from reweighting import report
 from reweighting.cli import main
 from reweighting.studies import (
     DOES_NOT_HOLD,
     HOLDS,
     INCONCLUSIVE,
+    UNDERPOWERED,
     Study,
     StudyOutcome,
     all_studies,
@@ -16,6 +16,7 @@ from reweighting.studies import (
     compare,
     decide,
     register,
+    report,
     run_study,
     summarize,
 )
@@ -97,9 +98,10 @@ def test_compare_margin_and_paired_noise():
     assert compare("x", [3.0, 4.2, 4.8], [1.0, 2.0, 3.0], lower_is_better=True).verdict == DOES_NOT_HOLD
     # within the noise: neither way
     assert compare("x", [1.0, 3.0, 2.1], [2.0, 2.0, 2.0]).verdict == INCONCLUSIVE
-    # "not worse" holds inside the noise, fails beyond it
-    assert compare("x", [1.0, 3.0, 2.1], [2.0, 2.0, 2.0], kind="not worse").verdict == HOLDS
-    assert compare("x", [1.0, 1.1, 0.9], [2.0, 2.0, 2.0], kind="not worse").verdict == DOES_NOT_HOLD
+    # "not worse" is non-inferiority within a tolerance: a wide interval no longer "holds" for want of evidence
+    assert compare("x", [1.0, 3.0, 2.1], [2.0, 2.0, 2.0], kind="not worse", tolerance=0.1).verdict == UNDERPOWERED
+    assert compare("x", [1.95, 2.0, 2.02], [2.0, 2.0, 2.0], kind="not worse", tolerance=0.5).verdict == HOLDS
+    assert compare("x", [1.0, 1.1, 0.9], [2.0, 2.0, 2.0], kind="not worse", tolerance=0.1).verdict == DOES_NOT_HOLD
     # one seed: no noise estimate, decided by the sign
     one = compare("x", [1.0], [0.5])
     assert one.noise is None and one.verdict == HOLDS

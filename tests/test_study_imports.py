@@ -110,8 +110,7 @@ def third_party_imports(start: list[Path]) -> dict[str, set[str]]:
 
 
 def _studies() -> list[Path]:
-    return sorted((ROOT / PACKAGE / "studies").glob("*.py")) + [ROOT / PACKAGE / "report.py",
-                                                                 ROOT / PACKAGE / "cli.py"]
+    return sorted((ROOT / PACKAGE / "studies").glob("*.py")) + [ROOT / PACKAGE / "cli.py"]
 
 
 def missing(requirements: list[str]) -> dict[str, set[str]]:

@@ -23,9 +23,27 @@ from typing import Any, TypeVar
 
 import torch
 
+from .protocol import PartSpec, Protocol, perturb_initial_weights, perturbation, selection_seeds
+from .stats import (
+    DOES_NOT_HOLD,
+    HOLDS,
+    INCONCLUSIVE,
+    UNDERPOWERED,
+    Baseline,
+    ClaimPart,
+    Selection,
+    check_baseline,
+    compare,
+    decide,
+    select_best,
+    summarize,
+)
+
 __all__ = ["Study", "StudyContext", "StudyOutcome", "Baseline", "ClaimPart", "check_baseline", "compare",
            "decide", "register", "all_studies", "get_study", "run_study", "summarize", "RESULTS_FILE",
-           "HOLDS", "DOES_NOT_HOLD", "INCONCLUSIVE", "STUDIES_ENV", "discoverable"]
+           "HOLDS", "DOES_NOT_HOLD", "INCONCLUSIVE", "UNDERPOWERED", "STUDIES_ENV", "discoverable", "Protocol",
+           "PartSpec", "Selection", "select_best", "selection_seeds", "perturb_initial_weights", "perturbation",
+           "declared_compare"]
 
 RESULTS_FILE = "results.json"
 STUDIES_ENV = "REWEIGHTING_STUDIES"
@@ -41,120 +59,14 @@ class StudyContext:
     out_dir: Path
     device: torch.device
     show_progress: bool = True
+    # Seeds for choosing hyper-parameters, disjoint from ``seeds`` (the evidence): see ``protocol``.
+    selection_seeds: list[int] = field(default_factory=list)
 
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None, leave: bool = False) -> Iterable[T]:
         """A tqdm progress bar (silent when ``show_progress`` is off)."""
         from tqdm.auto import tqdm
 
         return tqdm(iterable, desc=desc, total=total, leave=leave, disable=not self.show_progress, dynamic_ncols=True)
-
-
-HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
-
-# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
-
-
-def _t975(df: int) -> float:
-    return _T975[df - 1] if df <= len(_T975) else 1.96
-
-
-@dataclass(frozen=True)
-class Baseline:
-    """Whether the base model learned the task: ``value`` of ``measure`` against the ``bar``.
-
-    A comparison built on an unhealthy baseline says nothing about the method, so the study's
-    verdict is then ``inconclusive`` whatever its parts show.
-    """
-
-    measure: str
-    value: float
-    bar: float
-    higher_is_better: bool = True
-
-    @property
-    def healthy(self) -> bool:
-        if not math.isfinite(self.value):
-            return False
-        return self.value >= self.bar if self.higher_is_better else self.value <= self.bar
-
-    def describe(self) -> str:
-        sign = ">=" if self.higher_is_better else "<="
-        state = "healthy" if self.healthy else "UNHEALTHY"
-        return f"{state}: {self.measure} = {self.value:.4g} (bar {sign} {self.bar:.4g})"
-
-
-def check_baseline(measure: str, value: float, bar: float, higher_is_better: bool = True) -> Baseline:
-    """A :class:`Baseline` record (``healthy`` follows from ``value`` and ``bar``)."""
-    return Baseline(measure=measure, value=float(value), bar=float(bar), higher_is_better=higher_is_better)
-
-
-@dataclass(frozen=True)
-class ClaimPart:
-    """One comparison of a claim, decided by its margin against its noise.
-
-    ``margin`` is the mean over seeds of the paired differences, signed so that positive supports
-    the claim; ``noise`` is the half-width of the paired two-sided 95% t-interval of that mean
-    (``t(0.975, n-1) * sd / sqrt(n)``), None with a single seed (no estimate: decided by the sign).
-    ``kind`` ``"better"``: holds when ``margin > noise``, does not hold when ``margin < -noise``,
-    inconclusive in between. ``"not worse"``: holds unless ``margin < -noise``.
-    """
-
-    name: str
-    margin: float
-    noise: float | None
-    n: int
-    kind: str = "better"
-    note: str = ""
-
-    @property
-    def verdict(self) -> str:
-        noise = 0.0 if self.noise is None else self.noise
-        if not math.isfinite(self.margin):
-            return INCONCLUSIVE
-        if self.margin < -noise or (self.noise is None and self.margin == 0 and self.kind == "better"):
-            return DOES_NOT_HOLD
-        if self.kind == "not worse" or self.margin > noise:
-            return HOLDS
-        return INCONCLUSIVE
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "margin": self.margin, "noise": self.noise, "n": self.n, "kind": self.kind,
-                "verdict": self.verdict, "note": self.note}
-
-
-def compare(name: str, a: Sequence[float], b: Sequence[float], *, lower_is_better: bool = False,
-            kind: str = "better", note: str = "") -> ClaimPart:
-    """The claim part "``a`` is better than ``b``" (or "not worse", ``kind``) from per-seed values
-    paired by position (the same seed's runs share data and initialisation)."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"compare({name!r}): needs paired per-seed values of equal, non-zero length, "
-                         f"got {len(a)} and {len(b)}")
-    if kind not in ("better", "not worse"):
-        raise ValueError(f"compare({name!r}): kind must be 'better' or 'not worse', got {kind!r}")
-    sign = -1.0 if lower_is_better else 1.0
-    diffs = [sign * (float(x) - float(y)) for x, y in zip(a, b)]
-    stats = summarize(diffs)
-    n = int(stats["n"])
-    noise = _t975(n - 1) * float(stats["std"]) / math.sqrt(n) if n > 1 else None
-    return ClaimPart(name=name, margin=float(stats["mean"]), noise=noise, n=n, kind=kind, note=note)
-
-
-def decide(parts: Sequence[ClaimPart], baseline: Baseline | None = None) -> str:
-    """The verdict on a whole claim: inconclusive on an unhealthy baseline; else does not hold when
-    any part does not, inconclusive when any part is, holds when all parts hold."""
-    if baseline is not None and not baseline.healthy:
-        return INCONCLUSIVE
-    verdicts = [p.verdict for p in parts]
-    if not verdicts:
-        return INCONCLUSIVE
-    if DOES_NOT_HOLD in verdicts:
-        return DOES_NOT_HOLD
-    if INCONCLUSIVE in verdicts:
-        return INCONCLUSIVE
-    return HOLDS
 
 
 @dataclass
@@ -202,6 +114,8 @@ class Study:
     # first. Neither changes a number the study computes.
     cores: int = 1
     cost: float = 0.0
+    # The protocol, declared before the study runs: ``protocol(quick)`` (see ``studies.protocol``).
+    protocol: Callable[[bool], Protocol] | None = None
 
     def __post_init__(self) -> None:
         for name in ("threads", "cores", "seeds", "quick_seeds"):
@@ -283,17 +197,6 @@ def get_study(name: str) -> Study:
     return studies[name]
 
 
-def summarize(values: Sequence[float]) -> dict[str, float | int]:
-    """Mean, sample standard deviation (0 for one value) and count of per-seed values."""
-    xs = [float(v) for v in values]
-    if not xs:
-        raise ValueError("no values to summarize")
-    n = len(xs)
-    mean = sum(xs) / n
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "n": n}
-
-
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -349,6 +252,27 @@ def deterministic(threads: int):
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = old_cublas
 
 
+def _check_declared(name: str, protocol: Protocol, parts: Sequence[ClaimPart]) -> None:
+    """The outcome's parts must be the protocol's, with the declared kind, effect and tolerance."""
+    got = [p.name for p in parts]
+    declared = [p.name for p in protocol.parts]
+    if got != declared:
+        raise ValueError(f"study {name!r}: its parts {got} are not the ones its protocol declares {declared}")
+    for part, spec in zip(parts, protocol.parts):
+        if (part.kind, part.expected, part.tolerance) != (spec.kind, spec.expected, spec.tolerance):
+            raise ValueError(f"study {name!r}: part {part.name!r} was decided as ({part.kind}, expected "
+                             f"{part.expected}, tolerance {part.tolerance}) but declared as ({spec.kind}, "
+                             f"expected {spec.expected}, tolerance {spec.tolerance})")
+
+
+def declared_compare(protocol: Protocol, name: str, a: Sequence[float], b: Sequence[float], *,
+                     lower_is_better: bool = False, note: str = "") -> ClaimPart:
+    """:func:`compare` with the kind, expected effect and tolerance the protocol declares for ``name``."""
+    spec = protocol.part(name)
+    return compare(name, a, b, lower_is_better=lower_is_better, kind=spec.kind, note=note, expected=spec.expected,
+                   tolerance=spec.tolerance)
+
+
 def run_study(
     study: Study,
     *,
@@ -362,23 +286,31 @@ def run_study(
 
     Returns the results dictionary (the fields DESIGN.md lists, and ``summary``, ``details``, ``plots``).
     """
-    n = num_seeds if num_seeds is not None else (study.quick_seeds if quick else study.seeds)
+    protocol = study.protocol(quick) if study.protocol is not None else None
+    default_seeds = protocol.seeds if protocol is not None else (study.quick_seeds if quick else study.seeds)
+    n = num_seeds if num_seeds is not None else default_seeds
     if n < 1:
         raise ValueError(f"the number of seeds must be >= 1, got {n}")
     if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    perturb = perturbation()
     folder = Path(out_dir) / study.name
     folder.mkdir(parents=True, exist_ok=True)
     context = StudyContext(quick=quick, seeds=list(range(n)), out_dir=folder, device=torch.device(device),
-                           show_progress=show_progress)
+                           show_progress=show_progress,
+                           selection_seeds=selection_seeds(protocol.selection_seeds if protocol else 0))
+    # another intra-op thread count changes only the order of float reductions
+    threads = study.threads + 1 if perturb == "threads" else study.threads
     start, cpu_start = time.perf_counter(), _cpu_seconds()
-    with deterministic(study.threads):
+    with deterministic(threads):
         outcome = study.run(context)
     seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu_start
     if not isinstance(outcome, StudyOutcome):
         raise TypeError(f"study {study.name!r} returned {type(outcome).__name__}, expected StudyOutcome")
     if not outcome.methods:
         raise ValueError(f"study {study.name!r} reported no methods")
+    if protocol is not None:
+        _check_declared(study.name, protocol, outcome.parts)
     if outcome.parts:
         verdict = decide(outcome.parts, outcome.baseline)
         if (verdict == HOLDS) != bool(outcome.holds):
@@ -405,7 +337,10 @@ def run_study(
         "quick": quick,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
-        "config": {"seeds": n, "device": str(device), "threads": study.threads, **outcome.config},
+        "config": {"seeds": n, "device": str(device), "threads": threads, **outcome.config},
+        "protocol": protocol.as_dict() if protocol is not None else None,
+        "fingerprint": protocol.fingerprint() if protocol is not None else None,
+        "perturbation": perturb,
         "summary": outcome.summary,
         "details": outcome.details,
         "plots": list(outcome.plots),

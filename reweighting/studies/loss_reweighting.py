@@ -402,7 +402,7 @@ def _run_jobs(ctx: StudyContext, fn, cfg: Config, jobs: list[tuple], pool, desc:
 
 
 def _plot_curves(curves: dict, cfg: Config, out_dir) -> str:
-    from ..report import new_figure, save_figure
+    from .report import new_figure, save_figure
 
     fig, axes = new_figure(10.0, 3.8)
     fig.clf()

@@ -220,7 +220,7 @@ def _mean(values: list[float]) -> float:
 
 
 def _plot(methods: dict[str, list[float]], noises: list[str], names: list[str], path) -> str:
-    from reweighting.report import new_figure, save_figure
+    from .report import new_figure, save_figure
 
     fig, ax = new_figure(max(6.0, 1.9 * len(noises) + 2), 4.2)
     width = 0.8 / len(names)

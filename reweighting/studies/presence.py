@@ -333,7 +333,7 @@ def train(data: Data, cfg: Config, method: str, seed: int, device: torch.device,
 
 
 def _plots(ctx: StudyContext, cfg: Config, heldout: dict, si_clean: list, si_bad: list) -> list[str]:
-    from ..report import new_figure, save_figure
+    from .report import new_figure, save_figure
 
     fig, ax = new_figure(6.5, 3.8)
     names = list(heldout)

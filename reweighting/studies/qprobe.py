@@ -255,7 +255,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _plots(cfg: ArithmeticConfig, runs: list[dict], ctx: StudyContext, prefix: str) -> list[str]:
-    from ..report import new_figure, save_figure
+    from .report import new_figure, save_figure
 
     names = []
     fig, ax = new_figure(6.4, 4.2)

@@ -658,7 +658,7 @@ def _mean(values: list[float]) -> float:
 
 
 def plot_rings(samples: dict[str, torch.Tensor], data: Dataset, path) -> str:
-    from ..report import new_figure, save_figure
+    from .report import new_figure, save_figure
 
     names = ["reference set", "biased set", *samples]
     cols = 4
@@ -680,7 +680,7 @@ def plot_rings(samples: dict[str, torch.Tensor], data: Dataset, path) -> str:
 
 
 def plot_digits(samples: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], path) -> str:
-    from ..report import new_figure, save_figure
+    from .report import new_figure, save_figure
 
     per_method = 40
     fig, _ = new_figure(2.0 * len(samples), 5.0)
@@ -697,7 +697,7 @@ def plot_digits(samples: dict[str, torch.Tensor], labels: dict[str, torch.Tensor
 
 
 def plot_proportions(props: dict[str, dict[str, list[float]]], truth: dict[str, list[float]], path) -> str:
-    from ..report import new_figure, save_figure
+    from .report import new_figure, save_figure
 
     fig, _ = new_figure(11.0, 3.6)
     fig.clf()

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .studies import RESULTS_FILE
+from . import RESULTS_FILE
 
 __all__ = ["JOB_FILE", "load_results", "build_report", "plot_methods", "new_figure", "save_figure"]
 
@@ -83,14 +83,37 @@ def _baseline_cell(r: dict[str, Any]) -> str:
     return f"{'healthy' if b['healthy'] else 'UNHEALTHY'} ({_fmt(b['value'])}, bar {sign} {_fmt(b['bar'])})"
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def _parts_table(r: dict[str, Any]) -> list[str]:
-    """One row per part of the claim: its verdict, margin (positive supports the claim) and noise."""
+    """One row per part of the claim: its verdict, margin (positive supports the claim), noise and MDE."""
     if not r.get("parts"):
         return []
-    lines = ["| part of the claim | verdict | margin | noise (95% paired) | pairs |", "|---|---|---|---|---|"]
+    lines = ["| part of the claim | verdict | margin | noise (95% paired) | MDE (80% power) | expected | pairs |",
+             "|---|---|---|---|---|---|---|"]
     for p in r["parts"]:
-        noise = _fmt(p["noise"]) if p["noise"] is not None else "n/a (1 seed)"
-        lines.append(f"| {p['name']} | {p['verdict']} | {p['margin']:+.4g} | {noise} | {p['n']} |")
+        target = p.get("tolerance") if p.get("kind") == "not worse" else p.get("expected")
+        lines.append(f"| {p['name']} | {p['verdict']} | {p['margin']:+.3f} | {_num(p['noise'])} | "
+                     f"{_num(p.get('mde'))} | {_num(target)} | {p['n']} |")
+    return [*lines, ""]
+
+
+def _protocol_lines(r: dict[str, Any]) -> list[str]:
+    """The declared protocol: fingerprint, replicates, selection rules and deviations from the paper."""
+    proto = r.get("protocol")
+    if not proto:
+        return []
+    lines = [f"**Protocol** `{r.get('fingerprint')}` (declared before the run): {proto['seeds']} evidence seeds, "
+             f"{proto['selection_seeds']} selection seeds (disjoint)."]
+    if proto.get("replicates"):
+        lines.append(f"- Replicates: {proto['replicates']}")
+    lines += [f"- Selection: {rule}" for rule in proto.get("selection", [])]
+    if proto.get("baseline"):
+        lines.append(f"- Baseline check: {proto['baseline']}")
+    lines += [f"- Deviation: {d['deviation']} (why: {d['reason']})" for d in proto.get("deviations", [])]
+    lines += [f"- Note: {n}" for n in proto.get("notes", [])]
     return [*lines, ""]
 
 
@@ -109,6 +132,9 @@ def _study_section(r: dict[str, Any]) -> str:
         f"**Baseline:** {_baseline_cell(r)}" + (f": {r['baseline']['measure']}" if r.get("baseline") else ""),
         "",
         *_parts_table(r),
+        *_protocol_lines(r),
+        *([f"**Perturbation:** {r['perturbation']} (floating-point rounding only)", ""] if r.get("perturbation")
+          else []),
         *([f"**Left out:** {'; '.join(r['left_out'])}", ""] if r.get("left_out") else []),
         f"| method | {r['metric']} ({arrow}) | std | n |",
         "|---|---|---|---|",
@@ -136,9 +162,11 @@ def build_report(out_dir: str | Path, *, plots: bool = True) -> Path:
     if not results:
         lines.append(f"No study results found under `{out}`: run `reweighting reproduce` first.")
     else:
-        lines += ["Verdicts: *holds* when every part's margin exceeds its noise (the half-width of the paired 95% "
-                  "t-interval over seeds); *does not hold* when some part's margin is below minus its noise; "
-                  "*inconclusive* when a part is within its noise or the base model failed its health check.", "",
+        lines += ["Verdicts: a part *holds* when its paired 95% interval over seeds lies on the claim's side "
+                  "(for a 'not worse' part: above minus its declared tolerance), *does not hold* when it lies on "
+                  "the other side, is *underpowered* when undecided and its minimum detectable effect (MDE, 80% "
+                  "power) exceeds the effect it should have, and *inconclusive* otherwise. A study holds when all "
+                  "its parts hold and its baseline check passes.", "",
                   "| study | verdict | baseline | mode | seeds | wall s | CPU s |", "|---|---|---|---|---|---|---|"]
         for r in results:
             lines.append(
@@ -150,19 +178,20 @@ def build_report(out_dir: str | Path, *, plots: bool = True) -> Path:
         job = out / JOB_FILE
         if job.exists():
             j = json.loads(job.read_text())
-            lines += [f"The last `reweighting reproduce` here ran {len(j['studies'])} studies "
+            count = len(j["studies"])
+            lines += [f"The last `reweighting reproduce` here ran {count} {'study' if count == 1 else 'studies'} "
                       f"({'quick' if j['quick'] else 'full'} mode) with at most {j['jobs']} core(s) busy in "
                       f"{j['seconds']:.0f} s of wall time"
                       + (f"; these stopped with an error: {', '.join(j['failed'])}" if j.get("failed") else "")
+                      + (f"; perturbation: {j['perturbation']}" if j.get("perturbation") else "")
                       + ".", ""]
         rows = [(r, p) for r in results for p in r.get("parts", [])]
         if rows:
-            lines += ["| study | part of the claim | verdict | margin | noise | pairs |",
-                      "|---|---|---|---|---|---|"]
+            lines += ["| study | part of the claim | verdict | margin | noise | MDE | pairs |",
+                      "|---|---|---|---|---|---|---|"]
             for r, p in rows:
-                noise = _fmt(p["noise"]) if p["noise"] is not None else "n/a (1 seed)"
-                lines.append(f"| {r['study']} | {p['name']} | {p['verdict']} | {p['margin']:+.4g} | {noise} | "
-                             f"{p['n']} |")
+                lines.append(f"| {r['study']} | {p['name']} | {p['verdict']} | {p['margin']:+.3f} | "
+                             f"{_num(p['noise'])} | {_num(p.get('mde'))} | {p['n']} |")
             lines.append("")
         lines += [_study_section(r) for r in results]
     path = out / REPORT_FILE

@@ -1,0 +1,122 @@
+"""One source of truth for the published results: ``docs/results.json`` and the tables made from it.
+
+``reweighting report --out DIR --publish`` condenses every ``DIR/<study>/results.json`` into
+``docs/results.json`` (the verdicts, each part's margin, noise and minimum detectable effect, the
+baseline checks, the protocols' fingerprints, the job's time) and rewrites the text between the
+marker lines ``<!-- results:start -->`` and ``<!-- results:end -->`` of ``README.md`` and
+``docs/studies.md`` with :func:`render_tables` of it. A test renders the committed summary and
+compares it with both files, so neither can disagree with the results.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from . import RESULTS_FILE
+
+__all__ = ["SUMMARY_FILE", "START", "END", "PUBLISHED_FILES", "summarize_results", "render_tables", "replace_block",
+           "publish"]
+
+SUMMARY_FILE = Path("docs") / "results.json"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+PUBLISHED_FILES = (Path("README.md"), Path("docs") / "studies.md")
+
+
+def _part(p: dict[str, Any]) -> dict[str, Any]:
+    keep = ("name", "kind", "verdict", "margin", "noise", "mde", "expected", "tolerance", "n")
+    return {k: p.get(k) for k in keep}
+
+
+def summarize_results(out_dir: str | Path) -> dict[str, Any]:
+    """The published summary of the results under ``out_dir`` (one entry per study, sorted by name)."""
+    out = Path(out_dir)
+    studies = []
+    for path in sorted(out.glob(f"*/{RESULTS_FILE}")):
+        try:
+            r = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); re-run that study") from err
+        baseline = r.get("baseline") or {}
+        studies.append({
+            "study": r["study"], "claim": r["claim"], "metric": r["metric"], "verdict": r["verdict"],
+            "quick": r["quick"], "seeds": r["config"].get("seeds"),
+            "selection_seeds": (r.get("protocol") or {}).get("selection_seeds"),
+            "fingerprint": r.get("fingerprint"), "perturbation": r.get("perturbation"),
+            "baseline": {k: baseline.get(k) for k in ("measure", "value", "bar", "higher_is_better", "healthy")}
+            if baseline else None,
+            "parts": [_part(p) for p in r.get("parts", [])],
+            "seconds": round(float(r["seconds"]), 1), "cpu_seconds": round(float(r.get("cpu_seconds", 0.0)), 1),
+        })
+    if not studies:
+        raise ValueError(f"no {RESULTS_FILE} under {out}/<study>/: run 'reweighting reproduce --out {out}' first")
+    job_path = out / "job.json"
+    job = json.loads(job_path.read_text()) if job_path.exists() else None
+    return {"studies": studies, "job": job}
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _signed(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:+.{digits}f}"
+
+
+def render_tables(summary: dict[str, Any]) -> str:
+    """The markdown between the markers: a verdict per study, then every part with its numbers."""
+    studies = summary["studies"]
+    modes = {"quick" if s["quick"] else "full" for s in studies}
+    lines = [f"Generated from `docs/results.json` ({' and '.join(sorted(modes))} mode); do not edit by hand.", "",
+             "| study | verdict | parts decided | baseline check | seeds (selection) | protocol |",
+             "|---|---|---|---|---|---|"]
+    for s in studies:
+        decided = sum(p["verdict"] in ("holds", "does not hold") for p in s["parts"])
+        b = s["baseline"]
+        base = "none" if not b else (f"{'passed' if b['healthy'] else 'FAILED'} ({_num(b['value'])} "
+                                     f"{'>=' if b['higher_is_better'] else '<='} {_num(b['bar'])})")
+        lines.append(f"| {s['study']} | **{s['verdict']}** | {decided} of {len(s['parts'])} | {base} | "
+                     f"{s['seeds']} ({s['selection_seeds'] or 0}) | `{s['fingerprint'] or '-'}` |")
+    total = sum(len(s["parts"]) for s in studies)
+    decided = sum(p["verdict"] in ("holds", "does not hold") for s in studies for p in s["parts"])
+    lines += ["", f"{decided} of {total} parts decided. Margin: mean paired difference over seeds, positive "
+              "supports the claim; noise: half-width of its 95% interval; MDE: the effect 80% power would "
+              "detect at this seed count (same units as the margin).", "",
+              "| study | part | verdict | margin | noise | MDE |", "|---|---|---|---|---|---|"]
+    for s in studies:
+        for p in s["parts"]:
+            lines.append(f"| {s['study']} | {p['name']} | {p['verdict']} | {_signed(p['margin'])} | "
+                         f"{_num(p['noise'])} | {_num(p['mde'])} |")
+    job = summary.get("job")
+    if job:
+        lines += ["", f"The whole job: {len(job['studies'])} {'study' if len(job['studies']) == 1 else 'studies'}, "
+                  f"{job['seconds'] / 60:.1f} min wall with at most {job['jobs']} "
+                  f"{'core' if job['jobs'] == 1 else 'cores'} busy."]
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str, where: str) -> str:
+    """``text`` with the lines between the markers replaced by ``block`` (a clear error without them)."""
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise ValueError(f"{where}: needs exactly one '{START}' line followed by one '{END}' line")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{block}\n{END}{tail}"
+
+
+def publish(out_dir: str | Path, root: str | Path = ".") -> list[Path]:
+    """Write ``root/docs/results.json`` from ``out_dir`` and regenerate the tables in the published
+    files that exist under ``root``; returns the paths written."""
+    root = Path(root)
+    summary = summarize_results(out_dir)
+    written = [root / SUMMARY_FILE]
+    written[0].parent.mkdir(parents=True, exist_ok=True)
+    written[0].write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    block = render_tables(summary)
+    for name in PUBLISHED_FILES:
+        path = root / name
+        if path.exists():
+            path.write_text(replace_block(path.read_text(), block, str(path)))
+            written.append(path)
+    return written
