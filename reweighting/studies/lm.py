@@ -160,3 +160,53 @@ class TinyGPT(nn.Module):
         """Next-token cross-entropy ``[B, T]`` for rows ``[B, T + 1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``)."""
         logits = self(batch[:, :-1])
         return F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+
+
+def ngram_log_loss(train_rows: torch.Tensor, eval_rows: torch.Tensor, order: int, alpha: float) -> float:
+    """Mean next-byte cross-entropy (nats) of an add-``alpha`` byte ``order``-gram model on ``eval_rows``.
+
+    Counts come from the windows ``train_rows`` ``[N, L + 1]``; the model predicts byte ``t + 1`` of a
+    window from the ``min(t + 1, order - 1)`` bytes before it inside the same window (the context the
+    network sees, cut to the n-gram's), as ``(c(ctx, x) + alpha) / (c(ctx) + 256 alpha)``. It scores
+    the same positions as ``TinyGPT.token_losses``, so the two losses compare directly.
+    """
+    if order < 1 or alpha <= 0:
+        raise ValueError(f"ngram_log_loss: order must be >= 1 and alpha > 0, got {order}, {alpha}")
+    total, count = 0.0, 0
+    width = eval_rows.shape[1]
+    for k in range(1, order + 1):  # k - 1 bytes of context
+        # positions of the target byte whose context has exactly k - 1 bytes (or at least, for the top order)
+        targets = [k - 1] if k < order else list(range(k - 1, width))
+        targets = [t for t in targets if 1 <= t < width] if k > 1 else [t for t in targets if t == 0]
+        if k == 1:
+            targets = []  # the network never predicts byte 0 of a window: nothing to score at k = 1
+        if not targets:
+            continue
+        train_keys, train_ctx = _ngram_keys(train_rows, k, range(k - 1, train_rows.shape[1]))
+        eval_keys, eval_ctx = _ngram_keys(eval_rows, k, targets)
+        joint = _lookup(torch.unique(train_keys, return_counts=True), eval_keys)
+        ctx = _lookup(torch.unique(train_ctx, return_counts=True), eval_ctx)
+        p = (joint + alpha) / (ctx + VOCAB_SIZE * alpha)
+        total += float(-p.log().sum())
+        count += p.numel()
+    return total / count
+
+
+def _ngram_keys(rows: torch.Tensor, k: int, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer keys of (context of k - 1 bytes, byte) and of the context alone, for each target position."""
+    rows = rows.long()
+    joint, ctx = [], []
+    for t in targets:
+        c = torch.zeros(rows.shape[0], dtype=torch.long)
+        for j in range(t - k + 1, t):
+            c = c * VOCAB_SIZE + rows[:, j]
+        ctx.append(c)
+        joint.append(c * VOCAB_SIZE + rows[:, t])
+    return torch.cat(joint), torch.cat(ctx)
+
+
+def _lookup(table: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
+    """Counts of ``keys`` in ``(sorted unique keys, counts)`` (0 where absent), as float64."""
+    values, counts = table
+    idx = torch.searchsorted(values, keys).clamp(max=values.numel() - 1)
+    return torch.where(values[idx] == keys, counts[idx], torch.zeros_like(counts[idx])).double()
