@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results", help="folder holding <study>/results.json")
     p.add_argument("--publish", nargs="?", const=".", default=None, metavar="ROOT",
                    help="also write ROOT/docs/results.json and regenerate the results tables of ROOT/README.md "
-                        "and ROOT/docs/studies.md from it (ROOT: the repository, default '.')")
+                        "and ROOT/docs/studies/index.md from it (ROOT: the repository, default '.')")
     p.set_defaults(func=_cmd_report)
 
     for module_name in _EXTRA_COMMANDS:

@@ -4,7 +4,7 @@
 ``docs/results.json`` (the verdicts, each part's margin, noise and minimum detectable effect, the
 baseline checks, the protocols' fingerprints, the job's time) and rewrites the text between the
 marker lines ``<!-- results:start -->`` and ``<!-- results:end -->`` of ``README.md`` and
-``docs/studies.md`` with :func:`render_tables` of it. A test renders the committed summary and
+``docs/studies/index.md`` with :func:`render_tables` of it. A test renders the committed summary and
 compares it with both files, so neither can disagree with the results.
 """
 
@@ -21,7 +21,7 @@ __all__ = ["SUMMARY_FILE", "START", "END", "PUBLISHED_FILES", "summarize_results
 
 SUMMARY_FILE = Path("docs") / "results.json"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-PUBLISHED_FILES = (Path("README.md"), Path("docs") / "studies.md")
+PUBLISHED_FILES = (Path("README.md"), Path("docs") / "studies" / "index.md")
 
 
 def _part(p: dict[str, Any]) -> dict[str, Any]:
