@@ -99,6 +99,17 @@ def test_non_inferiority_needs_and_uses_its_tolerance():
     assert not narrow.underpowered and narrow.verdict == INCONCLUSIVE
 
 
+def test_non_inferiority_boundaries_are_undecided():
+    from reweighting.studies.stats import ClaimPart
+
+    # lower end of the interval exactly at -tolerance: not inside it, so not "holds"
+    assert ClaimPart("x", margin=-0.25, noise=0.25, n=3, kind="not worse", tolerance=0.5).verdict == INCONCLUSIVE
+    assert ClaimPart("x", margin=-0.24, noise=0.25, n=3, kind="not worse", tolerance=0.5).verdict == HOLDS
+    # upper end exactly at -tolerance: not beyond it, so not "does not hold"
+    assert ClaimPart("x", margin=-0.75, noise=0.25, n=3, kind="not worse", tolerance=0.5).verdict == INCONCLUSIVE
+    assert ClaimPart("x", margin=-0.76, noise=0.25, n=3, kind="not worse", tolerance=0.5).verdict == DOES_NOT_HOLD
+
+
 def test_underpowered_better_part():
     p = compare("x", [1.0, 1.5, 0.7], [1.0, 1.0, 1.0], expected=0.1)
     assert p.verdict == UNDERPOWERED and p.as_dict()["underpowered"] is True
@@ -123,6 +134,9 @@ def test_select_best_mean_stability_and_preference():
     assert select_best(close, prefer="b", tolerance=0.05).chosen == "b"
     assert select_best(scores, prefer="c", tolerance=0.05).chosen == "a"
     assert select_best(scores, prefer="c", tolerance=0.6).chosen == "c"
+    # a lead of exactly the tolerance does not move the choice; a hair more does
+    assert select_best({"a": [1.0], "b": [1.5]}, prefer="b", tolerance=0.5).chosen == "b"
+    assert select_best({"a": [1.0], "b": [1.5]}, prefer="b", tolerance=0.4999).chosen == "a"
     # ties go to the first listed candidate, whatever the dict's order of insertion says later
     assert select_best({"x": [1.0], "y": [1.0]}).chosen == "x"
     for bad, match in (({}, "no candidates"), ({"a": [1.0], "b": [1.0, 2.0]}, "same selection seeds"),
