@@ -102,7 +102,8 @@ def test_render_counts_decided_parts_and_marks_failed_baselines():
         "study": "s", "verdict": "inconclusive", "quick": False, "seeds": 5, "selection_seeds": 2, "fingerprint": "f",
         "baseline": {"measure": "m", "value": 0.3, "bar": 0.5, "higher_is_better": True, "healthy": False},
         "parts": [{"name": "p1", "verdict": "holds", "margin": 0.1, "noise": 0.05, "mde": 0.07},
-                  {"name": "p2", "verdict": "underpowered", "margin": 0.01, "noise": 0.05, "mde": 0.07}]}]}
+                  {"name": "p2", "verdict": "underpowered", "margin": 0.01, "noise": 0.05, "mde": 0.07},
+                  {"name": "p3", "verdict": "does not hold", "margin": -0.2, "noise": 0.05, "mde": 0.07}]}]}
     text = render_tables(summary)
-    assert "| s | **inconclusive** | 1 of 2 | FAILED (0.300 >= 0.500) | 5 (2) | `f` |" in text
-    assert "1 of 2 parts decided" in text and "| s | p2 | underpowered | +0.010 | 0.050 | 0.070 |" in text
+    assert "| s | **inconclusive** | 2 of 3 | FAILED (0.300 >= 0.500) | 5 (2) | `f` |" in text
+    assert "2 of 3 parts decided" in text and "| s | p2 | underpowered | +0.010 | 0.050 | 0.070 |" in text
