@@ -334,4 +334,5 @@ __all__ = ["STUDY", "PROTOCOL", "QUICK_PROTOCOL", "Config", "FULL", "QUICK", "SM
            "near_duplicate", "CORRUPTIONS", "DONOR_CORRUPTIONS", "Data", "assumption_table", "choose_setting",
            "self_influence_loop", "training_unit_auroc", "baseline_health", "unigram_entropy", "bigram_loss",
            "evaluate", "sequence_losses", "scope_modules", "make_protocol", "setting_config", "run_setting",
-           "train_uniform_cached", "part_names", "OWN_METHODS", "ASSUMPTION_CORRUPTIONS", "ASSUMPTION_SCOPES"]
+           "train_uniform_cached", "part_names", "setting_parts", "unit_size", "OWN_METHODS",
+           "ASSUMPTION_CORRUPTIONS", "ASSUMPTION_SCOPES"]

@@ -146,3 +146,13 @@ def test_ratio_error_is_zero_for_the_exact_ratio_and_large_for_a_constant_one():
                for k, v in off.items() if float(k) >= 0.1)
     # the weights are wrong too: the exact log-ratio of a clean point is log(p_data / p_bias) of its mode
     assert off["0.03"]["log_w_rmse"] > 0.3 and same["0.03"]["log_w_rmse"] == 0.0
+    # by hand at sigma = 0.9: the flat ratio's log-weight is that of logit 0, so the RMSE is that of the difference
+    t = S.LogSNRTimes(VPCosine()).time_for_log_ratio(torch.tensor([math.log(0.9 / math.sqrt(1 - 0.81))]))
+    g = torch.Generator().manual_seed(90_000)
+    stream = torch.cat([rings.biased, rings.reference])
+    x0 = stream[torch.randint(stream.shape[0], (200,), generator=g)]
+    noise = torch.randn(x0.shape, generator=g)
+    alpha, sigma = VPCosine().alpha_sigma(t.expand(200))
+    x_t = alpha[:, None] * x0 + sigma[:, None] * noise
+    diff = flat.log_weight(x_t, t.expand(200)) - exact.log_weight(x_t, t.expand(200))
+    assert off["0.9"]["log_w_rmse"] == pytest.approx(float(diff.pow(2).mean().sqrt()), rel=1e-4)

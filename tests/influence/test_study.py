@@ -207,3 +207,18 @@ def test_micro_batch_training_needs_equal_units():
     cfg = replace(P.SMOKE, microbatches=3)
     with pytest.raises(ValueError, match="equal micro-batches"):
         P.train(P.load_data(cfg, 0), cfg, "presence", 0, CPU)
+
+
+def test_setting_parts_compare_the_right_methods_and_units_of_four():
+    run = {"auroc": [0.7, 0.75, 0.72], "heldout": {"uniform": [2.6, 2.5, 2.7], "direct": [2.9, 2.95, 2.9],
+                                                    "presence": [2.55, 2.52, 2.6]}}
+    parts = P.setting_parts(P.PROTOCOL, "own setting", run, P.FULL)
+    assert [p.name for p in parts] == P.part_names(P.FULL)[:3]
+    assert parts[0].margin == pytest.approx(0.7233333 - 0.6, abs=1e-6) and parts[0].verdict == "holds"
+    assert parts[1].margin == pytest.approx((0.05 - 0.02 + 0.1) / 3)
+    assert parts[2].margin == pytest.approx((0.35 + 0.43 + 0.3) / 3) and parts[2].verdict == "holds"
+    units = P.setting_config(P.FULL, "tokens", "units-of-4")
+    assert units.microbatches == P.FULL.batch // 4 and P.unit_size(units) == 4 and units.scope == "first-block"
+    assert P.unit_size(P.setting_config(P.FULL, "near-duplicate", "all")) == 1
+    with pytest.raises(ValueError, match="scope must be one of"):
+        P.setting_config(P.FULL, "tokens", "last-block")
