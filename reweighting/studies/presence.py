@@ -133,20 +133,26 @@ def unit_size(cfg: Config) -> int:
     return cfg.batch // cfg.microbatches if cfg.microbatches else 1
 
 
-def assumption_table(cfg: Config, seed: int, device: torch.device, ctx: StudyContext | None = None,
-                     cache: dict | None = None) -> dict[str, dict[str, float]]:
-    """AUROC of the training z-scores, corrupted vs clean window, per corruption and choice of K, on seed ``seed``."""
-    table: dict[str, dict[str, float]] = {}
-    for corruption in ASSUMPTION_CORRUPTIONS:
-        c_cfg = replace(cfg, corruption=corruption)
-        data = load_data(c_cfg, seed)
-        model = train_uniform_cached(data, c_cfg, seed, device, ctx, cache)["model"]
-        table[corruption] = {}
-        for scope in ASSUMPTION_SCOPES:
-            s_cfg = setting_config(c_cfg, corruption, scope)
-            table[corruption][scope] = training_unit_auroc(model, data, s_cfg, s_cfg.scope, unit_size(s_cfg), seed,
-                                                           device)
-    return table
+def assumption_row(cfg: Config, corruption: str, seed: int, device: torch.device,
+                   cache: dict | None = None) -> dict[str, float]:
+    """AUROC of the training z-scores, corrupted vs clean window, per choice of K, for a uniform model
+    trained on ``corruption`` with seed ``seed``."""
+    c_cfg = replace(cfg, corruption=corruption)
+    data = load_data(c_cfg, seed)
+    model = train_uniform_cached(data, c_cfg, seed, device, None, cache)["model"]
+    row = {}
+    for scope in ASSUMPTION_SCOPES:
+        s_cfg = setting_config(c_cfg, corruption, scope)
+        row[scope] = training_unit_auroc(model, data, s_cfg, s_cfg.scope, unit_size(s_cfg), seed, device)
+    return row
+
+
+def assumption_table(cfg: Config, seed: int, device: torch.device) -> dict[str, dict[str, float]]:
+    """:func:`assumption_row` for every corruption, on seed ``seed`` (its rows in a worker pool)."""
+    from .seed_pool import pool_map
+
+    rows = pool_map(assumption_row, [(cfg, c, seed, device) for c in ASSUMPTION_CORRUPTIONS])
+    return dict(zip(ASSUMPTION_CORRUPTIONS, rows))
 
 
 def choose_setting(cfg: Config, tables: list[dict[str, dict[str, float]]]):
@@ -158,27 +164,42 @@ def choose_setting(cfg: Config, tables: list[dict[str, dict[str, float]]]):
     return select_best(scores, lower_is_better=False)
 
 
-def run_setting(ctx: StudyContext, cfg: Config, methods: tuple[str, ...], cache: dict) -> dict:
-    """Every method of ``methods`` (uniform first) on every evidence seed, and the AUROC of each seed's
-    uniform model on the units training uses."""
-    heldout: dict[str, list[float]] = {m: [] for m in methods}
-    aurocs, bigrams, unigrams, online, shares, ess = [], [], [], {}, {}, {}
-    for seed in ctx.progress(ctx.seeds, desc=f"presence ({cfg.corruption}, {cfg.scope}, units {unit_size(cfg)})"):
-        data = load_data(cfg, seed)
-        bigrams.append(bigram_loss(data.pool, data.heldout))
-        unigrams.append(unigram_entropy(data.heldout))
-        for m in methods:
-            r = (train_uniform_cached(data, cfg, seed, ctx.device, ctx, cache) if m == "uniform"
-                 else train(data, cfg, m, seed, ctx.device, ctx))
-            heldout[m].append(r["heldout"])
-            if m == "uniform":
-                aurocs.append(training_unit_auroc(r["model"], data, cfg, cfg.scope, unit_size(cfg), seed, ctx.device))
-            else:
-                online.setdefault(m, []).append(r.get("online_auroc"))
-                shares.setdefault(m, []).append(r["corrupted_weight_share"])
-                ess.setdefault(m, []).append(r["ess_fraction"])
-    return {"heldout": heldout, "auroc": aurocs, "bigram": bigrams, "unigram": unigrams, "online_auroc": online,
-            "corrupted_weight_share": shares, "ess_fraction": ess, "config": asdict(cfg)}
+def setting_seed(cfg: Config, methods: tuple[str, ...], seed: int, device: torch.device, cache: dict) -> dict:
+    """Every method of ``methods`` (uniform first) on seed ``seed``, and the AUROC of its uniform model on
+    the units training uses."""
+    data = load_data(cfg, seed)
+    out = {"heldout": {}, "online_auroc": {}, "corrupted_weight_share": {}, "ess_fraction": {},
+           "bigram": bigram_loss(data.pool, data.heldout), "unigram": unigram_entropy(data.heldout)}
+    for m in methods:
+        r = (train_uniform_cached(data, cfg, seed, device, None, cache) if m == "uniform"
+             else train(data, cfg, m, seed, device))
+        out["heldout"][m] = r["heldout"]
+        if m == "uniform":
+            out["auroc"] = training_unit_auroc(r["model"], data, cfg, cfg.scope, unit_size(cfg), seed, device)
+        else:
+            out["online_auroc"][m] = r.get("online_auroc")
+            out["corrupted_weight_share"][m] = r["corrupted_weight_share"]
+            out["ess_fraction"][m] = r["ess_fraction"]
+    return out
+
+
+def evidence_seed(own: Config, selected: Config, seed: int, device: torch.device) -> dict:
+    """Both settings on one evidence seed (a uniform run both share is trained once)."""
+    cache: dict = {}
+    return {SETTINGS[0]: setting_seed(own, OWN_METHODS, seed, device, cache),
+            SETTINGS[1]: setting_seed(selected, SELECTED_METHODS, seed, device, cache)}
+
+
+def gather(per_seed: list[dict], cfg: Config) -> dict:
+    """A setting's per-seed results as lists over the seeds."""
+    methods = list(per_seed[0]["heldout"])
+    weighted = list(per_seed[0]["corrupted_weight_share"])
+    return {"heldout": {m: [r["heldout"][m] for r in per_seed] for m in methods},
+            "auroc": [r["auroc"] for r in per_seed], "bigram": [r["bigram"] for r in per_seed],
+            "unigram": [r["unigram"] for r in per_seed],
+            **{k: {m: [r[k][m] for r in per_seed] for m in weighted}
+               for k in ("online_auroc", "corrupted_weight_share", "ess_fraction")},
+            "config": asdict(cfg)}
 
 
 def setting_parts(protocol: Protocol, label: str, run: dict, cfg: Config) -> list:
@@ -264,15 +285,15 @@ def run_with(ctx: StudyContext, cfg: Config, protocol: Protocol | None = None) -
     if not ctx.selection_seeds or set(ctx.selection_seeds) & set(ctx.seeds):
         raise ValueError(f"presence needs selection seeds disjoint from the evidence seeds, got "
                          f"{ctx.selection_seeds} and {ctx.seeds}")
+    from .seed_pool import pool_map
+
     start = time.process_time()
-    cache: dict = {}
-    tables = [assumption_table(cfg, s, ctx.device, ctx, cache) for s in ctx.selection_seeds]
+    tables = [assumption_table(cfg, s, ctx.device) for s in ctx.selection_seeds]
     selection = choose_setting(cfg, tables)
     corruption, scope = selection.chosen.split("|")
     selected = setting_config(cfg, corruption, scope)
-    cache.clear()  # selection runs are never reused on the evidence seeds (different seeds anyway)
-    runs = {SETTINGS[0]: (cfg, run_setting(ctx, cfg, OWN_METHODS, cache)),
-            SETTINGS[1]: (selected, run_setting(ctx, selected, SELECTED_METHODS, cache))}
+    per_seed = pool_map(evidence_seed, [(cfg, selected, seed, ctx.device) for seed in ctx.seeds])
+    runs = {label: (c, gather([r[label] for r in per_seed], c)) for label, c in zip(SETTINGS, (cfg, selected))}
     parts = [p for label, (c, run) in runs.items() for p in setting_parts(protocol, label, run, c)]
     own = runs[SETTINGS[0]][1]
     baseline = baseline_health(own["heldout"]["uniform"], own["unigram"])
@@ -323,6 +344,7 @@ STUDY = Study(
     run=_run,
     seeds=PROTOCOL.seeds,
     cost=450,
+    cores=2,  # the seeds (and the selection's corruptions) run in a pool of worker processes
     quick_seeds=QUICK_PROTOCOL.seeds,
     protocol=lambda quick: QUICK_PROTOCOL if quick else PROTOCOL,
     description="PRESENCE vs uniform and direct on a byte-level GPT with 30% corrupted windows, on its own setting "
@@ -333,6 +355,7 @@ __all__ = ["STUDY", "PROTOCOL", "QUICK_PROTOCOL", "Config", "FULL", "QUICK", "SM
            "train", "load_data", "auroc", "permute_words", "permute_bytes", "random_bytes", "shuffled_continuation",
            "near_duplicate", "CORRUPTIONS", "DONOR_CORRUPTIONS", "Data", "assumption_table", "choose_setting",
            "self_influence_loop", "training_unit_auroc", "baseline_health", "unigram_entropy", "bigram_loss",
-           "evaluate", "sequence_losses", "scope_modules", "make_protocol", "setting_config", "run_setting",
+           "evaluate", "sequence_losses", "scope_modules", "make_protocol", "setting_config", "setting_seed",
+           "evidence_seed", "assumption_row", "gather",
            "train_uniform_cached", "part_names", "setting_parts", "unit_size", "OWN_METHODS",
            "ASSUMPTION_CORRUPTIONS", "ASSUMPTION_SCOPES"]

@@ -199,46 +199,58 @@ def _share_label(share: float) -> str:
     return f"{share:.1%}".replace(".0%", "%")
 
 
-def run_with_config(ctx: StudyContext, cfg: Config, protocol: Protocol | None = None) -> StudyOutcome:
-    """The study at ``cfg`` on ``ctx.seeds`` (``STUDY.run`` picks FULL or QUICK and their protocol)."""
-    protocol = protocol or make_protocol(cfg, seeds=len(ctx.seeds))
+def run_seed(cfg: Config, seed: int, ctx: StudyContext, keep_samples: bool = False) -> dict:
+    """Everything of one seed: per share, each method's metrics (``metrics[share][key][method]``), the
+    discriminators' fits and the learned ratio's error against the exact one; with ``keep_samples``
+    the paper's share's samples and data (for the figures)."""
     schedule = make_study_schedule(cfg)
     base = getattr(schedule, "base", schedule)
-    res = {s: {k: {m: [] for m in SWEEP_METHODS[s]} for k in ("tv", "quality", "on_ring", "off_mode")}
-           for s in SHARES}
-    discriminators: dict[str, list[dict]] = {_share_label(s): [] for s in SHARES}
-    ratio_errors: dict[str, list[dict]] = {}
-    plots: list[str] = []
-    seed0_props: dict[str, list[float]] = {}
-    for seed in ctx.seeds:
-        for share in SHARES:
-            data = make_rings(replace(cfg, reference_share=share), seed)
-            methods = SWEEP_METHODS[share]
-            ratio = None
-            if set(methods) - {"DSM(ref)", "DSM(obs)"}:
-                ratio, fit = train_ratio(data, cfg, seed, ctx, base)
-                exact = exact_ratio(cfg, data, schedule, ctx.device)
-                ratio_errors.setdefault(_share_label(share), []).append(
-                    ratio_error_by_noise(ratio, exact, data, schedule, ctx.device, seed=seed))
-                discriminators[_share_label(share)].append(
-                    {"seed": seed, "reference": data.reference.shape[0], "best_step": fit.best_step,
-                     "steps_run": fit.steps_run, "best_holdout_loss": fit.best_holdout_loss,
-                     "clip_fraction": ratio.clip_fraction()})
-            samples = {}
-            for method in methods:
-                model = train_score_model(method, data, ratio, cfg, seed, ctx, schedule)
-                x = generate(model, cfg.samples, data.biased.shape[1], cfg, seed, schedule, ctx.device)
-                scores = evaluate_rings(cfg, x, seed)
-                for key, value in (("tv", scores["tv"]), ("quality", scores["quality"]),
-                                   ("on_ring", on_ring_share(cfg, x)), ("off_mode", scores["off_mode"])):
-                    res[share][key][method].append(value)
-                if seed == ctx.seeds[0] and share == SHARES[0]:
-                    samples[method] = x
-                    seed0_props[method] = scores["proportions"]
-            if samples:
-                plots.append(plot_rings(samples, data, ctx.out_dir / "rings_samples.png"))
-    plots.append(plot_proportions({"rings": seed0_props}, {"rings": [1.0 / cfg.ring_modes] * cfg.ring_modes},
-                                  ctx.out_dir / "proportions.png"))
+    out: dict = {"metrics": {}, "ratio_errors": {}, "discriminators": {}, "samples": {}, "proportions": {}}
+    for share in SHARES:
+        data = make_rings(replace(cfg, reference_share=share), seed)
+        methods = SWEEP_METHODS[share]
+        metrics = out["metrics"][share] = {k: {} for k in ("tv", "quality", "on_ring", "off_mode")}
+        ratio = None
+        if set(methods) - {"DSM(ref)", "DSM(obs)"}:
+            ratio, fit = train_ratio(data, cfg, seed, ctx, base)
+            exact = exact_ratio(cfg, data, schedule, ctx.device)
+            out["ratio_errors"][_share_label(share)] = ratio_error_by_noise(ratio, exact, data, schedule, ctx.device,
+                                                                            seed=seed)
+            out["discriminators"][_share_label(share)] = {
+                "seed": seed, "reference": data.reference.shape[0], "best_step": fit.best_step,
+                "steps_run": fit.steps_run, "best_holdout_loss": fit.best_holdout_loss,
+                "clip_fraction": ratio.clip_fraction()}
+        for method in methods:
+            model = train_score_model(method, data, ratio, cfg, seed, ctx, schedule)
+            x = generate(model, cfg.samples, data.biased.shape[1], cfg, seed, schedule, ctx.device)
+            scores = evaluate_rings(cfg, x, seed)
+            for key, value in (("tv", scores["tv"]), ("quality", scores["quality"]),
+                               ("on_ring", on_ring_share(cfg, x)), ("off_mode", scores["off_mode"])):
+                metrics[key][method] = value
+            if keep_samples and share == SHARES[0]:
+                out["samples"][method] = x
+                out["proportions"][method] = scores["proportions"]
+        if keep_samples and share == SHARES[0]:
+            out["data"] = data
+    return out
+
+
+def run_with_config(ctx: StudyContext, cfg: Config, protocol: Protocol | None = None) -> StudyOutcome:
+    """The study at ``cfg`` on ``ctx.seeds`` (``STUDY.run`` picks FULL or QUICK and their protocol); the
+    seeds run in a pool of worker processes (:mod:`.seed_pool`), each independent of the others."""
+    from .seed_pool import pool_map, pool_size
+
+    protocol = protocol or make_protocol(cfg, seeds=len(ctx.seeds))
+    quiet = replace(ctx, show_progress=ctx.show_progress and pool_size(len(ctx.seeds)) == 1)
+    per_seed = pool_map(run_seed, [(cfg, seed, quiet, seed == ctx.seeds[0]) for seed in ctx.seeds])
+    res = {s: {k: {m: [r["metrics"][s][k][m] for r in per_seed] for m in SWEEP_METHODS[s]}
+               for k in ("tv", "quality", "on_ring", "off_mode")} for s in SHARES}
+    ratio_errors = {label: [r["ratio_errors"][label] for r in per_seed] for label in per_seed[0]["ratio_errors"]}
+    discriminators = {label: [r["discriminators"][label] for r in per_seed] for label in per_seed[0]["discriminators"]}
+    first = per_seed[0]
+    plots = [plot_rings(first["samples"], first["data"], ctx.out_dir / "rings_samples.png"),
+             plot_proportions({"rings": first["proportions"]}, {"rings": [1.0 / cfg.ring_modes] * cfg.ring_modes},
+                              ctx.out_dir / "proportions.png")]
     main, starved = res[SHARES[0]], res[SHARES[-1]]
     parts = claim_parts(protocol, main["tv"], starved["quality"])
     baseline = baseline_health(main["on_ring"]["DSM(obs)"])
@@ -251,7 +263,7 @@ def run_with_config(ctx: StudyContext, cfg: Config, protocol: Protocol | None = 
         "off_mode_share": {f"{_share_label(s)}: {m}": res[s]["off_mode"][m] for s in SHARES for m in SWEEP_METHODS[s]},
         "ratio_error_by_sigma": ratio_errors,
         "discriminators": discriminators,
-        "generated_proportions_first_seed": seed0_props,
+        "generated_proportions_first_seed": first["proportions"],
     }
     config = {"quick": ctx.quick, **asdict(cfg), "shares": list(SHARES),
               "methods_per_share": {_share_label(s): list(m) for s, m in SWEEP_METHODS.items()}}
@@ -305,13 +317,14 @@ STUDY = Study(
     seeds=PROTOCOL.seeds,
     quick_seeds=QUICK_PROTOCOL.seeds,
     cost=450,
+    cores=2,  # the seeds run in a pool of worker processes
     protocol=lambda quick: QUICK_PROTOCOL if quick else PROTOCOL,
     description="TIW-DSM vs DSM(ref), DSM(obs), IW-DSM and ablations on thin 2-D rings, with a sweep of the "
                 "reference share down to where DSM(ref) is data-starved",
 )
 
 __all__ = ["STUDY", "PROTOCOL", "QUICK_PROTOCOL", "Config", "FULL", "QUICK", "SMOKE", "METHODS", "SHARES",
-           "SWEEP_METHODS", "EXACT", "HEALTHY_ON_RING", "run_with_config", "claim_parts", "part_names",
+           "SWEEP_METHODS", "EXACT", "HEALTHY_ON_RING", "run_with_config", "run_seed", "claim_parts", "part_names",
            "make_protocol", "baseline_health", "on_ring_share", "make_rings", "ring_points", "ring_centres",
            "ExactRingLogit", "evaluate_rings", "tv_distance", "sliced_wasserstein", "mmd2", "long_tail_proportions",
            "Dataset", "make_study_schedule", "LogSNRTimes", "LogNormalTimes", "Preconditioned", "FourierMLP",
