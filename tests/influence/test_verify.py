@@ -287,3 +287,58 @@ def test_documents_that_see_each_other_in_a_packed_row_are_caught():
     want = torch.stack([sum(g.square().sum() for g in torch.autograd.grad(losses[d], list(model.parameters()),
                                                                           retain_graph=True)) for d in range(4)])
     assert ((got - want).abs().max() / want.max()) < 1e-5
+
+
+class CentringNorm(nn.Module):
+    """Looks like an RMSNorm (a 1-d weight and an eps) but centres first (as Cohere's LayerNorm)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), 1e-5
+
+    def forward(self, x):
+        x32 = x.float() - x.float().mean(-1, keepdim=True)
+        return (self.weight * x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class SquaredWeightNorm(CentringNorm):
+    """An RMSNorm scaled by weight**2: equal to the rule's formula only while the weight is all ones."""
+
+    def forward(self, x):
+        x32 = x.float()
+        return (self.weight ** 2 * x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("norm", [CentringNorm, SquaredWeightNorm])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_look_alikes_are_refused_whatever_the_dtype_and_weight(norm, dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), norm(8), nn.Linear(8, 1)).to(dtype)
+    si = SelfInfluence(model)
+    x, y = torch.randn(3, 4, dtype=dtype) + 1.0, torch.randn(3, 1, dtype=dtype)
+    with pytest.raises(ValueError, match=r"module '1' \(" + norm.__name__ + r"\) holds a 1-d weight and an eps"):
+        step(si, model, M.regression_loss, x, y)
+
+
+def test_a_true_rmsnorm_look_alike_is_accepted_and_exact():
+    class Plain(CentringNorm):
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), Plain(8), nn.Linear(8, 1))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    x, y = torch.randn(3, 4), torch.randn(3, 1)
+    got = step(SelfInfluence(model), model, M.regression_loss, x, y)
+    want = per_sample_sq_norms(model, M.regression_loss, x, y)
+    assert ((got - want).abs().max() / want.max()) < 1e-5
+
+
+def test_weighted_backward_refuses_non_finite_weights():
+    model = M.mlp()
+    si = SelfInfluence(model)
+    step(si, model, M.regression_loss, torch.randn(4, 5), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="weights has NaN values at sample indices \\[2\\]"):
+        si.weighted_backward(torch.tensor([0.2, 0.3, float("nan"), 0.5]))
+    assert all(p.grad is None for p in model.parameters())
