@@ -56,38 +56,32 @@ import contextlib
 import functools
 import types
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from .. import distributed as D
 from ..checks import check_batch, check_finite, check_same_length
-from .documents import by_document, check_documents, document_slots
-from .factors import Factor, OuterFactor, sq_norms, tied_sq_norms
-from .graph import COMPILED, check_uses, detach_all, input_nodes, is_compiled, output_edges, tracked_below
+from .documents import check_documents, document_slots
+from .factors import Factor, sq_norms
+from .graph import (
+    COMPILED,
+    FunctionalUses,
+    check_uses,
+    detach_all,
+    input_nodes,
+    is_compiled,
+    output_edges,
+    tracked_below,
+)
 from .layers import call_rule_for, rule_for
-from .layers.embedding import embedding as _embedding_rule
-from .layers.hf_conv1d import hf_conv1d as _hf_conv1d_rule
-from .layers.layernorm import layer_norm as _layer_norm_rule
-from .layers.linear import linear as _linear_rule
-from .layers.rmsnorm_like import rms_norm_like as _rms_norm_like_rule
+from .passes import Call, Pass, consume, symbols
 from .plan import UNSUPPORTED, batch_statistics, make_plan, signature
 from .reference import batched_autograd_grads
 from .sharded import is_dtensor, reduce_updates
-from .verify import check_units, compare, reference_grads, unit_weights
+from .verify import DOCUMENTS_HINT, HINT, check_units, compare, reference_grads, unit_weights
 
 __all__ = ["SelfInfluence", "microbatch_sizes"]
-
-# Rules whose per-sample gradient is a sum over positions of per-position terms.
-_POSITIONWISE = {_linear_rule, _embedding_rule, _hf_conv1d_rule, _layer_norm_rule, _rms_norm_like_rule}
-if hasattr(nn, "RMSNorm"):
-    from .layers.layernorm import rms_norm as _rms_norm_rule
-
-    _POSITIONWISE.add(_rms_norm_rule)
-
 
 def microbatch_sizes(batch: int, microbatches: int) -> list[int]:
     """Sizes of ``microbatches`` contiguous chunks of a batch (as ``torch.tensor_split``)."""
@@ -95,90 +89,6 @@ def microbatch_sizes(batch: int, microbatches: int) -> list[int]:
         raise ValueError(f"microbatches must be between 1 and the batch size {batch}, got {microbatches}")
     base, extra = divmod(batch, microbatches)
     return [base + 1] * extra + [base] * (microbatches - extra)
-
-
-@dataclass
-class _Call:
-    name: str
-    module: nn.Module | types.SimpleNamespace
-    params: dict[str, nn.Parameter]  # rule's parameter names -> the engine's (canonical) parameters
-    # Where each output's gradient enters the graph (None: no gradient), not the outputs themselves:
-    # holding the outputs would keep every layer's output alive through the backward, and an edge
-    # still gives the right gradient when the output is later modified in place (ReLU(inplace=True)).
-    edges: list
-    like: list  # (shape, dtype, device) of each output, for a zero gradient where none arrives
-    stops: set = field(default_factory=set)  # grad_fn nodes of the call's inputs: where its own graph ends
-    activation: torch.Tensor | None = None  # the first input (module and functional rules)
-    version: int = 0  # the first input's version counter when captured
-    inputs: tuple = ()  # every argument, detached (call rules)
-    kwargs: dict = field(default_factory=dict)
-    call_rule: bool = False
-    hook: object = None  # the handle of the gradient hook on the output
-    direct: bool = False  # its output gradient is returned by the backward, not consumed by the hook
-    consumed: bool = False
-    layout: tuple = ()  # the input's shape in symbols (see _symbols) and dtype: what verification keys on
-
-
-@dataclass
-class _Pass:
-    """The state of one :meth:`SelfInfluence.norms` call while output gradients arrive."""
-
-    b: int
-    sizes: list[int] | None
-    total: torch.Tensor
-    room: int
-    norm_params: set
-    dtype: torch.dtype
-    documents: torch.Tensor | None = None  # [rows, positions] document ids of packed rows
-    slots: torch.Tensor | None = None  # each position's flat index in [documents + 1, positions]
-    remaining: dict = field(default_factory=dict)  # parameter -> uses whose gradient has not arrived
-    factors: dict = field(default_factory=dict)
-    kept: dict = field(default_factory=dict)
-    per_param: dict | None = None  # parameter -> its norms, while verifying
-
-
-def _positionwise(c: _Call) -> bool:
-    """Rules whose per-sample gradient is a sum of per-position terms (so positions can be regrouped)."""
-    if isinstance(c.module, types.SimpleNamespace):
-        return True
-    return rule_for(c.module) in _POSITIONWISE
-
-
-def _symbols(shape, b: int | None) -> tuple:
-    """A shape up to its sizes: which dims equal the batch size or 1 (a dim that starts or stops
-    matching the batch size changes the layout, and so triggers a new verification)."""
-    return tuple("B" if d == b else "1" if d == 1 else "*" for d in shape)
-
-
-def _batch_hint(shape: tuple, b: int) -> str:
-    """Why a layer's input does not start with the batch of ``b`` samples, as far as its shape tells."""
-    if len(shape) >= 2 and shape[1] == b:
-        return ("its input holds the batch in dim 1 (a sequence-first layout, e.g. batch_first=False): run the "
-                "layer batch-first ([B, T, ...])")
-    if shape and shape[0] > b and shape[0] % b == 0:
-        return (f"its input looks flattened ({shape[0]} rows = {b} samples x {shape[0] // b}): keep the batch "
-                "dimension through the layer ([B, T, ...] rather than [B*T, ...])")
-    if shape and shape[0] < b and len(shape) >= 2:
-        return ("if each row holds several documents (packed rows), pass documents=[rows, positions] ids; if the "
-                "layer runs once for the whole batch and is broadcast over it (a position embedding), put it in "
-                "broadcast=[...]")
-    return ("if the layer runs without a batch dimension and is broadcast over the batch (a position embedding), "
-            "put it in broadcast=[...]")
-
-
-class _FunctionalUses(TorchFunctionMode):
-    """Captures ``F.linear`` calls on a watched weight made outside the module that owns it."""
-
-    def __init__(self, engine: SelfInfluence):
-        super().__init__()
-        self.engine = engine
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is F.linear and torch.is_grad_enabled():
-            self.engine._functional_linear(args, kwargs, out)
-        return out
 
 
 class SelfInfluence:
@@ -245,7 +155,7 @@ class SelfInfluence:
                           reference=list(reference), bookkeeping=bookkeeping, unsupported=unsupported)
         self._plan_signature = None
         self._replan()
-        self._calls: list[_Call] = []
+        self._calls: list[Call] = []
         self._running: list[nn.Module] = []
         self._first_use_checked: set[nn.Module] = set()
         self._factors: dict[nn.Parameter, list[Factor]] | None = None
@@ -254,7 +164,7 @@ class SelfInfluence:
         self._losses: torch.Tensor | None = None
         self._graph_kept = False
         self._batch_size: int | None = None
-        self._state: _Pass | None = None
+        self._state: Pass | None = None
         self.functional = functional
         self._functional_seen: bool | None = None  # None: not yet watched
         self._watching = False
@@ -318,7 +228,7 @@ class SelfInfluence:
         watch = self.functional is True or (self.functional is None and self._functional_seen is not False)
         self._watching = watch
         try:
-            with _FunctionalUses(self) if watch else contextlib.nullcontext():
+            with FunctionalUses(self._functional_linear) if watch else contextlib.nullcontext():
                 yield self
             if self.functional is None and watch:
                 # Keep watching only where a functional use was seen (the check in norms() still
@@ -353,11 +263,11 @@ class SelfInfluence:
             if self._batch_size is None:
                 self._batch_size = batch
             inputs = detach_all(args)
-            self._calls.append(_Call(
+            self._calls.append(Call(
                 self._names[module], module, params, *output_edges(outs),
                 stops=input_nodes(args) | input_nodes(kwargs.values()), activation=inputs[0],
                 version=inputs[0]._version, inputs=inputs, kwargs=dict(kwargs), call_rule=True,
-                layout=(_symbols(args[0].shape, self._batch_size), args[0].dtype)))
+                layout=(symbols(args[0].shape, self._batch_size), args[0].dtype)))
             return None
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
@@ -368,7 +278,7 @@ class SelfInfluence:
             if check is not None:
                 check(module, activation, output, self._names[module])
             self._first_use_checked.add(module)
-        layout = (_symbols(activation.shape, self._batch_size), activation.dtype)
+        layout = (symbols(activation.shape, self._batch_size), activation.dtype)
         expanded = module in self._broadcast and self._broadcast_form(module, activation) != "batched"
         if expanded:
             b = self._batch_size
@@ -381,8 +291,8 @@ class SelfInfluence:
             layout = ("broadcast",) + layout
         elif self._batch_size is None:
             self._batch_size = activation.shape[0]
-            layout = (_symbols(activation.shape, self._batch_size), activation.dtype)
-        self._record(_Call(self._names[module], module, params, *output_edges([output]),
+            layout = (symbols(activation.shape, self._batch_size), activation.dtype)
+        self._record(Call(self._names[module], module, params, *output_edges([output]),
                            stops=input_nodes(args) | input_nodes(kwargs.values()), activation=activation,
                            version=raw._version, layout=layout), output)
         return output if expanded else None
@@ -425,11 +335,11 @@ class SelfInfluence:
                                       in_features=weight.shape[1], out_features=weight.shape[0])
         if self._batch_size is None:
             self._batch_size = x.shape[0]
-        self._record(_Call(f"F.linear(..., {self._name_of(p)})", owner, params, *output_edges([out]),
+        self._record(Call(f"F.linear(..., {self._name_of(p)})", owner, params, *output_edges([out]),
                            stops=input_nodes([x]), activation=x.detach(), version=x._version,
-                           layout=(_symbols(x.shape, self._batch_size), x.dtype)), out)
+                           layout=(symbols(x.shape, self._batch_size), x.dtype)), out)
 
-    def _record(self, call: _Call, output: torch.Tensor) -> None:
+    def _record(self, call: Call, output: torch.Tensor) -> None:
         call.hook = output.register_hook(functools.partial(self._arrived, call))
         self._calls.append(call)
 
@@ -502,7 +412,7 @@ class SelfInfluence:
                 total += sq_norms(g)
 
         calls, self._calls = self._calls, []
-        state = _Pass(b=b, sizes=sizes, total=total, room=self.max_kept_bytes, norm_params=set(self._norm_params),
+        state = Pass(b=b, sizes=sizes, total=total, room=self.max_kept_bytes, norm_params=set(self._norm_params),
                       dtype=dtype, documents=documents,
                       slots=document_slots(documents, b) if documents is not None else None,
                       per_param={} if check is not None else None)
@@ -532,10 +442,10 @@ class SelfInfluence:
                     c.hook.remove()
         grads.reverse()
         for c in direct:
-            self._consume(state, c, [grads.pop() if e is not None else None for e in c.edges])
+            consume(state, c, [grads.pop() if e is not None else None for e in c.edges])
         for c in calls:
             if not c.consumed:  # no gradient reached it
-                self._consume(state, c, [None] * len(c.edges))
+                consume(state, c, [None] * len(c.edges))
         if check is not None:
             self._compare(check, state, documents)
         self._kept = state.kept
@@ -555,7 +465,7 @@ class SelfInfluence:
     def _layout(self, losses: torch.Tensor, documents: torch.Tensor | None, sizes: list[int] | None) -> tuple:
         """What the rules' correctness depends on, from host-side facts only (no device read)."""
         return (self._plan_signature, tuple(m.training for m in self._names), losses.shape[0], losses.dtype,
-                None if documents is None else _symbols(documents.shape, losses.shape[0]),
+                None if documents is None else symbols(documents.shape, losses.shape[0]),
                 None if sizes is None else len(sizes),
                 tuple((c.name, c.layout) for c in self._calls))
 
@@ -578,7 +488,7 @@ class SelfInfluence:
         self.verifications += 1
         return layout, params, units, weights, reference
 
-    def _compare(self, check: tuple, state: _Pass, documents) -> None:
+    def _compare(self, check: tuple, state: Pass, documents) -> None:
         layout, params, units, weights, reference = check
         grads = {}
         for p in params:
@@ -587,107 +497,16 @@ class SelfInfluence:
                 grads[p] = [(w.to(state.dtype) @ state.kept[p].reshape(w.shape[0], -1)).view(p.shape) for w in weights]
             elif fs:
                 grads[p] = [sum(f.weighted(w.to(state.dtype)) for f in fs) for w in weights]
-        hint = ("samples that interact (batch statistics, a loss or an operation over the batch such as "
-                "x - x.mean(0)), a layer whose first dimension is not the batch (sequence-first, flattened, or a "
-                "table broadcast over the batch that belongs in broadcast=[...] or reference=[...]), or a layer "
-                "that a rule does not describe")
-        if documents is not None:
-            hint = ("the documents of a packed row see each other (attention across document boundaries: give "
-                    "each document its own position ids starting at 0 and a block-diagonal mask, e.g. "
-                    "flash-attention varlen or position_ids-based packing), or " + hint)
+        hint = DOCUMENTS_HINT + HINT if documents is not None else HINT
         compare(params, [self._name_of(p) for p in params], units, reference, state.per_param, grads,
                 self.verify_tol, hint)
         self._verified_layout = layout
 
-    # -- from output gradients to factors ---------------------------------------------------------
-
-    def _apply_rule(self, c: _Call, gs: list, state: _Pass) -> dict[str, Factor]:
-        b = state.b
-        if state.documents is not None and (c.call_rule or not _positionwise(c)):
-            raise ValueError(
-                f"module {c.name!r} ({type(c.module).__name__}) mixes positions (convolution, attention), so its "
-                "per-document gradients cannot be split out of a packed row: leave it out (modules=[...], "
-                "bookkeeping=False) or score one document per row"
-            )
-        if c.call_rule:
-            gs = [g.detach() if g is not None else None for g in gs]
-            if gs[0] is None:
-                shape, dtype, device = c.like[0]
-                gs[0] = torch.zeros(shape, dtype=dtype, device=device)
-            produced = call_rule_for(c.module)(c.module, c.inputs, c.kwargs, tuple(gs))
-        else:
-            g, x = gs[0].detach(), c.activation
-            if state.documents is not None:
-                rows = tuple(state.documents.shape)
-                if tuple(x.shape[:2]) != rows or tuple(g.shape[:2]) != rows:
-                    raise ValueError(
-                        f"module {c.name!r} saw inputs of shape {tuple(x.shape)} but documents has shape {rows}: "
-                        "every tracked layer must see [rows, positions, ...] with the documents' positions"
-                    )
-                x, g = (by_document(t, state.slots, b, rows[1]) for t in (x, g))
-            elif x.shape[0] != b or g.shape[0] != b:
-                raise ValueError(
-                    f"module {c.name!r} ({type(c.module).__name__}) saw an input of shape {tuple(x.shape)} but "
-                    f"losses has {b} samples, and the batch dimension must come first in every layer's input: "
-                    + _batch_hint(tuple(x.shape), b)
-                )
-            rule = _linear_rule if isinstance(c.module, types.SimpleNamespace) else rule_for(c.module)
-            produced = rule(c.module, x if not x.is_floating_point() else x.to(state.dtype), g.to(state.dtype))
-        for f in produced.values():
-            if f.units != b:
-                raise ValueError(f"module {c.name!r} saw a batch of {f.units} but losses has {b} samples")
-        return produced
-
-    def _arrived(self, c: _Call, grad: torch.Tensor) -> None:
+    def _arrived(self, c: Call, grad: torch.Tensor) -> None:
         """Gradient hook on a captured output: form its factors now (during the norms backward only)."""
         state = self._state
         if state is not None and not c.direct and not c.consumed:
-            self._consume(state, c, [grad])
-
-    def _consume(self, state: _Pass, c: _Call, gs: list) -> None:
-        c.consumed = True
-        produced: dict[str, Factor] = {}
-        if any(g is not None for g in gs):
-            produced = self._apply_rule(c, gs, state)
-        c.activation, c.inputs = None, ()  # the factors hold what the update needs; the rest may go
-        for pname, q in c.params.items():
-            f = produced.get(pname)
-            if f is not None:
-                state.factors.setdefault(q, []).append(f)
-            state.remaining[q] -= 1
-            if state.remaining[q] == 0:
-                self._finish_param(state, q)
-
-    def _finish_param(self, state: _Pass, q: nn.Parameter) -> None:
-        if q not in state.norm_params or q not in state.factors:
-            return
-        norms = self._finish(q, state.factors, state.sizes, state.kept, state.room)
-        state.total += norms
-        if state.per_param is not None:
-            state.per_param[q] = norms
-        if q in state.kept:
-            state.room -= state.kept[q].numel() * state.kept[q].element_size()
-            del state.factors[q]  # the kept per-sample gradient serves the update
-
-    def _finish(self, p: nn.Parameter, factors: dict, sizes: list[int] | None, kept: dict, room: int) -> torch.Tensor:
-        """``[units]``: the squared norms of ``p``'s per-unit gradient, from all its uses' factors."""
-        fs = factors[p]
-        if sizes:
-            fs = [f.grouped(sizes) for f in fs]
-        if len(fs) == 1 and not (isinstance(fs[0], OuterFactor) and not fs[0].ghost_is_cheaper()):
-            return fs[0].sq_norms()
-        tied = tied_sq_norms(fs)
-        if tied is not None:
-            return tied
-        # Materialised (cheaper than the ghost form, or a shared parameter whose uses must be summed
-        # before the norm). Per-sample gradients are kept, within the memory allowance, because the
-        # weighted update is then a cheap weighted sum of them rather than a product over positions.
-        per_unit = fs[0].per_unit()
-        for f in fs[1:]:
-            per_unit = per_unit + f.per_unit()
-        if not sizes and per_unit.numel() * per_unit.element_size() <= room:
-            kept[p] = per_unit
-        return sq_norms(per_unit)
+            consume(state, c, [grad])
 
     # -- the weighted update ----------------------------------------------------------------------
 

@@ -7,10 +7,12 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.autograd.graph import get_gradient_edge
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["REENTRANT", "COMPILED", "is_compiled", "tracked_below", "detach_all", "input_nodes", "output_edges",
-           "check_uses"]
+           "check_uses", "FunctionalUses"]
 
 REENTRANT = (
     "the model uses reentrant activation checkpointing (torch.utils.checkpoint.checkpoint(..., use_reentrant=True)), "
@@ -132,3 +134,18 @@ def check_uses(losses: torch.Tensor, actual: dict, calls: list, name_of: Callabl
             "(e.g. tie an nn.Linear's weight to it, or call F.linear(x, weight)), or leave its modules out "
             "(modules=[...], bookkeeping=False), or pass reference=[module] for their module" + hint
         )
+
+
+class FunctionalUses(TorchFunctionMode):
+    """Passes every ``F.linear`` call made with grad enabled to ``record`` (which keeps those on watched weights)."""
+
+    def __init__(self, record: Callable):
+        super().__init__()
+        self.record = record  # record(args, kwargs, output)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.linear and torch.is_grad_enabled():
+            self.record(args, kwargs, out)
+        return out

@@ -53,14 +53,16 @@ def batch_statistics(model: nn.Module, names: dict[nn.Module, str]) -> None:
             )
 
 
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 def sequence_first(names: dict[nn.Module, str]) -> None:
-    """Raise if a layer with parameters runs inside a module built sequence-first (``batch_first=False``,
-    or holding an attention layer built so, as ``nn.TransformerEncoderLayer`` by default): its inputs
-    are ``[T, B, ...]``, and when ``T`` equals ``B`` no shape check could tell."""
+    """Raise if a layer with parameters runs inside a torch Transformer layer built sequence-first
+    (``batch_first=False``, the default): its inputs are ``[T, B, ...]``, and when ``T`` equals ``B`` no
+    shape check could tell (other sequence-first code is caught by the run-time verification)."""
     for m, name in names.items():
-        seq_first = getattr(m, "batch_first", None) is False or any(
-            isinstance(c, nn.MultiheadAttention) and not c.batch_first for c in m.children())
-        if not seq_first or isinstance(m, nn.MultiheadAttention):
+        if not isinstance(m, _TRANSFORMER_LAYERS) or not any(
+                isinstance(c, nn.MultiheadAttention) and not c.batch_first for c in m.children()):
             continue
         in_attention = {id(c) for a in m.modules() if isinstance(a, nn.MultiheadAttention) for c in a.modules()}
         inner = [n for n, c in m.named_modules(prefix=name) if c is not m and id(c) not in in_attention

@@ -22,7 +22,16 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["VerificationError", "check_units", "unit_weights", "reference_grads", "compare", "tolerance"]
+__all__ = ["HINT", "DOCUMENTS_HINT", "VerificationError", "check_units", "unit_weights", "reference_grads", "compare",
+           "tolerance"]
+
+
+HINT = ("samples that interact (batch statistics, a loss or an operation over the batch such as x - x.mean(0)), a "
+        "layer whose first dimension is not the batch (sequence-first, flattened, or a table broadcast over the batch "
+        "that belongs in broadcast=[...] or reference=[...]), or a layer that a rule does not describe")
+DOCUMENTS_HINT = ("the documents of a packed row see each other (attention across document boundaries: give each "
+                  "document its own position ids starting at 0 and a block-diagonal mask, e.g. flash-attention "
+                  "varlen or position_ids-based packing), or ")
 
 
 class VerificationError(RuntimeError):
