@@ -164,6 +164,7 @@ class SelfInfluence:
         self._losses: torch.Tensor | None = None
         self._graph_kept = False
         self._batch_size: int | None = None
+        self._input_batch: int | None = None
         self._state: Pass | None = None
         self.functional = functional
         self._functional_seen: bool | None = None  # None: not yet watched
@@ -221,7 +222,8 @@ class SelfInfluence:
         self._running = []
         # Tensors standing in for parameters are recorded afresh each capture (an id may be reused).
         self._actual = {id(p): p for p in self._watched}
-        handles = []
+        self._input_batch = None
+        handles = [self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True)]
         for m in dict.fromkeys(self._tracked):
             handles.append(m.register_forward_pre_hook(self._pre_hook))
             handles.append(m.register_forward_hook(self._hook, with_kwargs=True, always_call=True))
@@ -238,6 +240,13 @@ class SelfInfluence:
             for h in handles:
                 h.remove()
             self._running = []
+
+    def _model_pre_hook(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The model's first batched input gives the batch size for broadcast modules that run before
+        any tracked layer (a position table after a frozen token embedding)."""
+        if self._input_batch is None:
+            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
+            self._input_batch = None if first is None else first.shape[0]
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         self._running.append(module)
@@ -301,6 +310,8 @@ class SelfInfluence:
         """How a ``broadcast`` module was called: ``"unbatched"`` (``[T]`` or ``[1, ...]``, to expand)
         or ``"batched"`` (``[B, ...]``, an ordinary call); anything else raises."""
         name = self._names[module]
+        if self._batch_size is None:
+            self._batch_size = self._input_batch
         b = self._batch_size
         if b is None:
             raise RuntimeError(f"broadcast module {name!r} ran before any batched layer: pass the batch size "
