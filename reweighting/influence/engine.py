@@ -210,8 +210,9 @@ class SelfInfluence:
     def capture(self, batch_size: int | None = None) -> Iterator[SelfInfluence]:
         """Record the inputs and outputs of the tracked layers during the forward passes inside.
 
-        ``batch_size`` is needed only when a ``broadcast`` module runs before any batched layer;
-        otherwise it is read from the first batched layer's input.
+        ``batch_size`` is needed only when a ``broadcast`` module runs before any tracked layer and
+        the model's first input of two or more dimensions does not start with the batch; otherwise
+        it is read from the first tracked layer's input (or, for such a broadcast module, the model's).
         """
         if signature(self.model) != self._plan_signature:
             self._replan()

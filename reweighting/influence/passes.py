@@ -89,18 +89,18 @@ def symbols(shape, b: int | None) -> tuple:
 
 def batch_hint(shape: tuple, b: int) -> str:
     """Why a layer's input does not start with the batch of ``b`` samples, as far as its shape tells."""
-    if len(shape) >= 2 and shape[1] == b:
-        return ("its input holds the batch in dim 1 (a sequence-first layout, e.g. batch_first=False): run the "
-                "layer batch-first ([B, T, ...])")
+    hints = []
     if shape and shape[0] > b and shape[0] % b == 0:
-        return (f"its input looks flattened ({shape[0]} rows = {b} samples x {shape[0] // b}): keep the batch "
-                "dimension through the layer ([B, T, ...] rather than [B*T, ...])")
+        hints.append(f"its input looks flattened ({shape[0]} rows = {b} samples x {shape[0] // b}): keep the batch "
+                     "dimension through the layer ([B, T, ...] rather than [B*T, ...])")
+    if len(shape) >= 2 and shape[1] == b:
+        hints.append("its input holds the batch in dim 1 (a sequence-first layout, e.g. batch_first=False): run the "
+                     "layer batch-first ([B, T, ...])")
     if shape and shape[0] < b and len(shape) >= 2:
-        return ("if each row holds several documents (packed rows), pass documents=[rows, positions] ids; if the "
-                "layer runs once for the whole batch and is broadcast over it (a position embedding), put it in "
-                "broadcast=[...]")
-    return ("if the layer runs without a batch dimension and is broadcast over the batch (a position embedding), "
-            "put it in broadcast=[...]")
+        hints.append("if each row holds several documents (packed rows), pass documents=[rows, positions] ids")
+    hints.append("if the layer runs once for the whole batch and is broadcast over it (a position table), put it in "
+                 "broadcast=[...], or in reference=[...] to take its per-sample gradients from autograd")
+    return "; or ".join(hints)
 
 
 def apply_rule(c: Call, gs: list, state: Pass) -> dict[str, Factor]:

@@ -342,3 +342,28 @@ def test_weighted_backward_refuses_non_finite_weights():
     with pytest.raises(ValueError, match="weights has NaN values at sample indices \\[2\\]"):
         si.weighted_backward(torch.tensor([0.2, 0.3, float("nan"), 0.5]))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_refusals_name_the_layout_they_saw():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            b, t, d = x.shape
+            return self.fc(x.reshape(b * t, d)).reshape(b, t, 2)
+
+    model = Flat()
+    loss = lambda model, x, y: ((model(x) - y) ** 2).sum((1, 2))  # noqa: E731
+    with pytest.raises(ValueError, match="looks flattened \\(12 rows = 3 samples x 4\\)"):
+        step(SelfInfluence(model), model, loss, torch.randn(3, 4, 3), torch.randn(3, 4, 2))
+    # A head run outside capture(): its use is named, and the fix says to run it inside.
+    mlp = M.mlp()
+    si = SelfInfluence(mlp, functional=False)
+    x, y = torch.randn(4, 5), torch.randn(4, 3)
+    with si.capture():
+        h = mlp[1](mlp[0](x))
+    losses = ((mlp[2](h) - y) ** 2).sum(1)
+    with pytest.raises(RuntimeError, match="'2.bias' is used.*called outside `with si.capture\\(\\):`, run it"):
+        si.norms(losses)
