@@ -104,3 +104,10 @@ def test_zscore_ignores_anything_at_masked_out_samples():
     want = rw.zscore(torch.tensor([1.0, 2.0, 3.0]))
     torch.testing.assert_close(got[mask], want)
     assert got[~mask].tolist() == [0.0, 0.0]
+
+
+def test_the_restart_position_is_read_from_real_tokens_only():
+    # Positions counted from 1 with padding holding 0: documents restart at 1, not at the padding's 0.
+    docs = detect_documents(torch.zeros(1, 6), position_ids=torch.tensor([[1, 2, 1, 2, 3, 0]]),
+                            attention_mask=torch.tensor([[1, 1, 1, 1, 1, 0]]))
+    assert lengths(docs) == [2, 3]
