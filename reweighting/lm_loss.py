@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from reweighting.checks import checks_enabled
+from reweighting.checks import checks_enabled, describe_indices
 from reweighting.reduce import sequence_loss
 
 __all__ = ["per_token_lm_loss", "per_sequence_lm_loss"]
@@ -353,6 +353,11 @@ def per_sequence_lm_loss(
     if mask is not None:
         if mask.is_complex():
             raise TypeError(f"mask must be bool or 0/1 numbers, got dtype {mask.dtype}")
+        if mask.dtype != torch.bool and checks_enabled() and bool(((mask != 0) & (mask != 1)).any()):
+            rows = ((mask != 0) & (mask != 1)).any(dim=1)
+            raise ValueError(f"mask must hold only 0 and 1 (or booleans), but sequences {describe_indices(rows)} have "
+                             "other values: a soft mask is not a token mask, and labels are not a mask (pass "
+                             "labels != ignore_index, or the labels as targets)")
         real = (mask if mask.dtype == torch.bool else mask != 0).to(targets.device)
         targets = torch.where(real, targets, torch.full_like(targets, ignore_index))
     token_loss = _token_loss(hidden, weight, targets, bias, ignore_index, chunk_tokens)

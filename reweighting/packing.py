@@ -47,7 +47,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Documents", "DocumentLosses", "document_index", "document_losses", "pack_documents"]
+__all__ = ["Documents", "DocumentLosses", "detect_documents", "document_index", "document_losses",
+           "pack_documents"]
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,9 @@ def document_index(
                 errors.append((is_pad & real, f"document_ids is pad_id={pad_id} where padding_mask marks a real "
                                               f"token"))
             real = real & ~is_pad
+        # A negative id is a padding marker (pack_documents writes -1), never a document of its own.
+        errors.append((real & (ids < 0), "document_ids is negative at real tokens: if negative ids mark padding, "
+                                         "pass pad_id (pad_id=-1 for pack_documents' ids) or a padding_mask"))
         new, more = _from_ids(ids, real)
         errors += more
     elif position_ids is not None:
@@ -240,6 +244,46 @@ def document_index(
         errors = [(gap, "padding_mask has padding between real tokens of a row, which without boundaries is "
                         "one document")]
     return _index(new, real, errors, shape)
+
+
+def detect_documents(
+    grid: torch.Tensor | None,
+    *,
+    document_ids: torch.Tensor | None = None,
+    cu_seq_lens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> Documents | None:
+    """The documents of a collated batch, or ``None`` when each row is one sample.
+
+    ``grid``: the ``[B, T]`` token ids (or labels). In order: ``document_ids`` (packed rows; -1 and
+    the ``attention_mask``'s zeros are padding), ``cu_seq_lens`` (``DataCollatorWithFlattening(
+    return_flash_attn_kwargs=True)``; padding in the ``attention_mask`` is refused, as the lengths
+    cover every token), or ``position_ids`` that break their ``+1`` run between two real tokens of a
+    row (padding-free and packed rows: every break must restart at the batch's first position, else
+    ``ValueError``). ``position_ids`` without a break (an ordinary batch, left- or right-padded with
+    Hugging Face's position ids) give ``None``.
+    """
+    real = attention_mask.bool() if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+    if document_ids is not None:
+        return document_index(grid, document_ids=document_ids, padding_mask=real, pad_id=-1)
+    if cu_seq_lens is not None:
+        if real is not None and not bool(real.all()):
+            raise ValueError("the batch has cu_seq_lens and padding in its attention_mask: cu_seq_lens must cover "
+                             "every token")
+        return document_index(grid, cu_seq_lens=cu_seq_lens)
+    pos = position_ids
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[1] < 2:
+        return None
+    if grid is not None and pos.shape != grid.shape:
+        pos = pos.expand(grid.shape)  # position ids given once for every row
+    live = torch.ones_like(pos, dtype=torch.bool) if real is None else real
+    # A break between two real tokens: padding around them (left or right) is no break.
+    breaks = live[:, 1:] & live[:, :-1] & (pos[:, 1:] != pos[:, :-1] + 1)
+    if not bool(breaks.any()):
+        return None
+    start = int(torch.where(live, pos, torch.full_like(pos, torch.iinfo(pos.dtype).max)).min())
+    return document_index(pos, position_ids=pos, padding_mask=real, position_start=start)
 
 
 def _index(new: torch.Tensor, real: torch.Tensor, errors: list[tuple[torch.Tensor, str]],
@@ -296,6 +340,9 @@ def document_losses(
         raise TypeError(f"token_loss must be a torch.Tensor, got {type(token_loss).__name__}")
     if token_loss.dim() != 2:
         raise ValueError(f"token_loss must be [batch, tokens], got shape {tuple(token_loss.shape)}")
+    if not token_loss.is_floating_point():
+        raise TypeError(f"token_loss must hold floating-point losses, got dtype {token_loss.dtype} (token ids or "
+                        "labels passed as losses?)")
     if documents is None:
         documents = document_index(token_loss, document_ids=document_ids, position_ids=position_ids,
                                    cu_seq_lens=cu_seq_lens, padding_mask=padding_mask, pad_id=pad_id,
@@ -308,12 +355,22 @@ def document_losses(
     shape = tuple(token_loss.shape)
     index = documents.index.to(token_loss.device)
     in_doc = index >= 0
-    carries = in_doc if loss_mask is None else _grid(loss_mask, "loss_mask", shape, token_loss.device).bool()
+    if loss_mask is None:
+        carries, soft = in_doc, torch.zeros_like(in_doc)
+    else:
+        mask = _grid(loss_mask, "loss_mask", shape, token_loss.device)
+        if mask.is_complex():
+            raise TypeError(f"loss_mask must be bool or 0/1 numbers, got dtype {mask.dtype}")
+        carries = mask if mask.dtype == torch.bool else mask != 0
+        soft = torch.zeros_like(in_doc) if mask.dtype == torch.bool else (mask != 0) & (mask != 1)
     loss = token_loss.float()
     flat = index.reshape(-1).clamp(min=0)
     counts = torch.zeros(documents.count, dtype=loss.dtype, device=loss.device).index_add_(
         0, flat, (carries & in_doc).reshape(-1).to(loss.dtype))
-    outside, n_empty = torch.stack([(carries & ~in_doc).sum(), (counts == 0).sum()]).tolist()
+    outside, n_empty, n_soft = torch.stack([(carries & ~in_doc).sum(), (counts == 0).sum(), soft.sum()]).tolist()
+    if n_soft:
+        raise ValueError(f"loss_mask must hold only 0 and 1 (or booleans), got other values at {_where(soft)}: a "
+                         "soft mask is not a token mask, and labels are not a mask (pass labels != -100)")
     if outside:
         raise ValueError(f"loss_mask marks tokens that are in no document (padding by the boundaries) as carrying "
                          f"loss: the mask and the boundaries disagree at {_where(carries & ~in_doc)}")

@@ -60,6 +60,8 @@ def _prepare(x: torch.Tensor, name: str, mask: torch.Tensor | None, group) -> tu
         return values, torch.ones_like(values, dtype=torch.bool)
     check_mask(mask, x, name)
     mask = mask.to(device=values.device, dtype=torch.bool)
+    # Masked-out samples may hold anything (NaN, inf): zero them so that no product with the mask sees them.
+    values = torch.where(mask, values, torch.zeros_like(values))
     if checks_enabled():
         check_finite(torch.where(mask, values, torch.zeros_like(values)), name)
         if not bool(D.all_reduce_sum(mask.sum().float(), group) > 0):

@@ -86,7 +86,7 @@ from transformers import Trainer, TrainerCallback
 from .. import distributed as D
 from ..checks import check_nonnegative_weights, checks_enabled, describe_indices
 from ..lm_loss import per_token_lm_loss
-from ..packing import Documents, document_index, document_losses
+from ..packing import Documents, detect_documents, document_index, document_losses
 from ..reduce import restore_rng_state, score_window, sequence_loss, weighted_loss
 from ..weights import WeightStats, weight_stats
 
@@ -173,39 +173,14 @@ def causal_lm_token_losses(
 
 
 def batch_documents(batch: dict[str, Any], *, document_column: str = DOCUMENT_COLUMN) -> Documents | None:
-    """The documents of a collated batch, or ``None`` when each row is one sample.
-
-    In order: a ``document_column`` entry (``[B, T]`` ids, packed rows; padding from the
-    ``attention_mask``), ``cu_seq_lens_q`` (``DataCollatorWithFlattening(return_flash_attn_kwargs=
-    True)``), or ``position_ids`` that break their ``+1`` run inside a row's real tokens (padding-free
-    and packed rows; each break must restart at the row's first position, else ``ValueError``).
-    ``position_ids`` without a break (an ordinary padded batch) give ``None``.
-    """
+    """The documents of a collated batch, or ``None`` when each row is one sample: the
+    ``document_column`` entry, ``cu_seq_lens_q``, ``position_ids`` and ``attention_mask`` given to
+    :func:`reweighting.packing.detect_documents` (which says what each form means)."""
     grid = batch.get("input_ids")
     if grid is None:
         grid = batch.get("labels")
-    attention = batch.get("attention_mask")
-    real = attention.bool() if isinstance(attention, torch.Tensor) and attention.dim() == 2 else None
-    ids = batch.get(document_column)
-    if ids is not None:
-        return document_index(grid, document_ids=ids, padding_mask=real)
-    cu = batch.get("cu_seq_lens_q")
-    if cu is not None:
-        if real is not None and not bool(real.all()):
-            raise ValueError("the batch has cu_seq_lens_q and padding in its attention_mask: cu_seq_lens must cover "
-                             "every token")
-        return document_index(grid, cu_seq_lens=cu)
-    pos = batch.get("position_ids")
-    if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[1] < 2:
-        return None
-    if grid is not None and pos.shape != grid.shape:
-        pos = pos.expand(grid.shape)  # position ids given once for every row
-    live = torch.ones_like(pos, dtype=torch.bool) if real is None else real
-    breaks = live[:, 1:] & live[:, :-1] & (pos[:, 1:] != pos[:, :-1] + 1)
-    if not bool(breaks.any()):
-        return None
-    start = int(torch.where(live, pos, torch.full_like(pos, torch.iinfo(pos.dtype).max)).min())
-    return document_index(pos, position_ids=pos, padding_mask=real, position_start=start)
+    return detect_documents(grid, document_ids=batch.get(document_column), cu_seq_lens=batch.get("cu_seq_lens_q"),
+                            position_ids=batch.get("position_ids"), attention_mask=batch.get("attention_mask"))
 
 
 def combine_weights(

@@ -146,15 +146,24 @@ def test_unsupported_module_raises_naming_it_or_uses_the_reference():
     assert_rel_close(got, per_sample_sq_norms(model, M.regression_loss, x, y))
 
 
-def test_batchnorm_in_training_mode_is_refused():
+def test_batch_statistics_are_refused_in_any_mode_with_the_real_cause():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d\) is in training mode"):  # not "unsupported=..."
+        SelfInfluence(model, modules=[model[0], model[2]])
+    model.eval()
     si = SelfInfluence(model, modules=[model[0], model[2]])
-    with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d\) mixes samples"):
+    model.train()  # put back in training mode after the engine was made
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d\) is in training mode"):
         with si.capture():
             pass
     model.eval()
     with pytest.raises(ValueError, match="BatchNorm1d"):  # no rule for its parameters either
         SelfInfluence(model)
+    # No parameters and eval mode, but no running statistics: it still normalises with the batch's.
+    stats_free = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=False, track_running_stats=False),
+                               nn.Linear(4, 1)).eval()
+    with pytest.raises(ValueError, match="track_running_stats=False, so it uses batch statistics even in eval"):
+        SelfInfluence(stats_free)
 
 
 def test_outputs_modified_in_place_are_exact_and_modified_inputs_raise():

@@ -101,3 +101,24 @@ def test_presence_weights_documents():
     grads = per_document_grads(model, tokens, documents)
     want = presence_weights(sum(g.flatten(1).square().sum(1) for g in grads.values()), -1.0)
     torch.testing.assert_close(w, want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_an_all_padding_row_after_the_last_document_leaves_it_intact(verify):
+    # Padding goes to a spare slot row; were it written over the last document's slots, that
+    # document's norm would lose its positions (the engine path alone, then with the check on).
+    model = M.SeqModel()
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(1, 11, (3, 6), generator=g)
+    documents = torch.tensor([[0, 0, 0, 1, 1, 1],
+                              [2, 2, 2, 2, 2, -1],
+                              [-1, -1, -1, -1, -1, -1]])
+    tokens = torch.where(documents >= 0, tokens, torch.zeros_like(tokens))
+    si = SelfInfluence(model, broadcast=["pos"], verify=verify)
+    with si.capture():
+        losses = doc_losses(model, tokens, documents)
+    got = si.norms(losses, documents=documents[:, :-1])
+    grads = per_document_grads(model, tokens, documents)
+    want = sum(g.flatten(1).square().sum(1) for g in grads.values())
+    assert got.shape == (3,) and want[2] > 0
+    assert ((got - want).abs().max() / want.max()) < 1e-4

@@ -57,6 +57,7 @@ def test_presence_step_with_checks_off_has_no_host_sync(microbatches):
                 presence.backward(si, losses)
             model.zero_grad(set_to_none=True)
     assert counter.syncs == []
+    assert si.verifications == 1  # the first step verified (reading back to the host), the second did not
     with SyncCounter() as counter:  # with checks on, the losses' finiteness is read back
         with si.capture():
             losses = M.seq_loss(model, tokens, mask)

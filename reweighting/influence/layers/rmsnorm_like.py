@@ -5,10 +5,10 @@ Hugging Face ships one RMSNorm class per model family (``LlamaRMSNorm``, ``Qwen2
 hold rather than by name: no registered rule, a single trainable 1-d ``weight``, no other
 parameters or children with parameters, and a float ``variance_epsilon`` or ``eps``. The
 structure alone does not prove the formula, so the engine calls :func:`verify` on the first
-captured call of each module: the module's output must equal ``(weight + c) * x / rms(x)`` for
-``c = 0`` or ``c = 1``, else it raises naming the module. The per-sample gradient of ``weight``
-is then ``g_i = sum_t G_it * xhat_it`` with ``xhat = x / sqrt(mean(x^2) + eps)`` (the offset
-``c`` has no gradient).
+captured call of each module: on random float32 inputs and weights, the module's output must equal
+``(weight + c) * x / rms(x)`` for ``c = 0`` or ``c = 1``, else it raises naming the module. The
+per-sample gradient of ``weight`` is then ``g_i = sum_t G_it * xhat_it`` with
+``xhat = x / sqrt(mean(x^2) + eps)`` (the offset ``c`` has no gradient).
 """
 
 from __future__ import annotations
@@ -47,29 +47,47 @@ def _looks_like_rms_norm(module: nn.Module) -> bool:
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x / sqrt(mean(x^2, last dim) + eps)`` in float32."""
-    x = x.float()
+    """``x / sqrt(mean(x^2, last dim) + eps)`` in float32 (float64 for a float64 ``x``)."""
+    x = x if x.dtype == torch.float64 else x.float()
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
 
 
 def verify(module: nn.Module, activation: torch.Tensor, output: torch.Tensor, name: str) -> None:
-    """Check once per module that its output is ``(weight + c) * rms_normalize(x)``; raise otherwise."""
+    """Check once per module that it computes ``(weight + c) * rms_normalize(x)``; raise otherwise.
+
+    The module's own forward is run in float32 on a few random inputs (several scales, so that
+    ``eps`` matters, and a non-zero mean, so that a centring norm differs) and random weights, not
+    on the model's values: a low-precision output or one weight value could hide a different formula.
+    """
     if module in _VERIFIED:
         return
-    weight = module.weight.detach().float()
+    gen = torch.Generator().manual_seed(0)  # a private stream: the caller's random state is untouched
+    d = module.weight.shape[0]
+    device = module.weight.device
+    eps = eps_of(module)
+    found: set[float] = {0.0, 1.0}
     with torch.no_grad():
-        xhat = rms_normalize(activation, eps_of(module))
-        out = output.detach().float()
-        scale = out.abs().max().clamp(min=1e-30)
-        tol = max(16 * torch.finfo(output.dtype).eps, 1e-5)
-        for offset in (0.0, 1.0):
-            if ((out - (weight + offset) * xhat).abs().max() / scale).item() <= tol:
-                _VERIFIED[module] = offset
-                return
-    raise ValueError(
-        f"module {name!r} ({type(module).__name__}) holds a 1-d weight and an eps like an RMSNorm, but its "
-        "output is not weight * x / rms(x) (nor (1 + weight) * x / rms(x)), so no per-sample gradient rule "
-        "applies: choose other modules, or pass unsupported='reference'"
+        for scale in (1.0, 1e-3, 30.0):
+            x = ((torch.randn(2, 3, d, generator=gen) + 0.5) * scale).to(device)
+            w = (torch.randn(d, generator=gen) * 0.5 + 1.0).to(device)
+            try:
+                out = torch.func.functional_call(module, {"weight": w}, (x,)).float()
+            except Exception as error:  # any failure means the formula is not the one assumed
+                raise _mismatch(name, module, f"its forward failed on a float32 input ({error})") from error
+            xhat = rms_normalize(x, eps)
+            tol = 1e-4 * out.abs().max().clamp(min=1e-30)
+            found = {c for c in found if (out - (w + c) * xhat).abs().max() <= tol}
+            if not found:
+                raise _mismatch(name, module, "its output is not weight * x / rms(x) (nor (1 + weight) * x / "
+                                              "rms(x)) on random float32 inputs and weights")
+    _VERIFIED[module] = min(found)
+
+
+def _mismatch(name: str, module: nn.Module, why: str) -> ValueError:
+    return ValueError(
+        f"module {name!r} ({type(module).__name__}) holds a 1-d weight and an eps like an RMSNorm, but {why}, so no "
+        "per-sample gradient rule applies: choose other modules, or pass reference=[...] (or "
+        "unsupported='reference') to take its per-sample gradients from autograd"
     )
 
 
