@@ -227,7 +227,8 @@ class DistributedWeightedSampler(Sampler[int]):
             weighted permutation (Efraimidis-Spirakis keys ``E_i / w_i``, ``E_i ~ Exp(1)``, sorted),
             ``O(n log n)`` per epoch; ``num_samples`` may not exceed the number of positive weights.
         seed: base seed, the same on every rank.
-        num_replicas, rank: default to the ``torch.distributed`` world (1 and 0 outside it).
+        num_replicas: the number of ranks; defaults to the ``torch.distributed`` world size (1 outside it).
+        rank: this process's rank; defaults to the ``torch.distributed`` rank (0 outside it).
 
     **Changing weights**: :meth:`update_weights` rebuilds the table; it applies from the next epoch
     that starts (immediately if no epoch is in progress), so an epoch is always drawn from one
