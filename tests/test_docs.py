@@ -92,3 +92,30 @@ def test_the_site_builds_with_warnings_as_errors(tmp_path):
     assert done.returncode == 0, f"mkdocs build --strict failed:\n{done.stderr[-3000:]}"
     api = (tmp_path / "site" / "api" / "qprobe" / "index.html").read_text()
     assert 'id="reweighting.qprobe.fit_probe"' in api  # the reference is built from the docstrings
+
+
+def _anchors(page: Path) -> set[str]:
+    """The ids MkDocs gives the page's headings (its default slugs: lower case, words joined by '-')."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
+    out = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", text, flags=re.MULTILINE):
+        slug = re.sub(r"[^\w\s-]", "", heading.replace("`", "")).strip().lower()
+        out.add(re.sub(r"[-\s]+", "-", slug))
+    return out
+
+
+def test_references_from_the_code_to_the_docs_resolve():
+    cited = 0
+    for source in sorted((ROOT / "reweighting").rglob("*.py")):
+        for page, anchor in re.findall(r"\b(docs/[\w./-]+\.md)(?:#([\w-]+))?", source.read_text()):
+            cited += 1
+            target = ROOT / page
+            assert target.is_file(), f"{source.relative_to(ROOT)} cites {page}, which does not exist"
+            if anchor:
+                assert anchor in _anchors(target), f"{source.relative_to(ROOT)} cites {page}#{anchor}: no such heading"
+    assert cited >= 1
+
+
+def test_the_anchor_rule_matches_the_built_site():
+    assert {"what-it-computes", "training-objectives", "features-from-an-api"} <= _anchors(DOCS / "methods/qprobe.md")
+    assert "the-layout-of-t" in _anchors(DOCS / "methods/noisy-labels.md")

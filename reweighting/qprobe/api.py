@@ -1,4 +1,4 @@
-"""Q-probe features from an API that only gives samples and embeddings (docs/methods/qprobe.md).
+"""Q-probe features from an API that only gives samples and embeddings (docs/methods/qprobe.md#features-from-an-api).
 
 :func:`sample_and_embed` works with any two plain callables: ``sample(prompt, n) -> list[str]``
 and ``embed(texts) -> [len(texts), D]``. :class:`OpenAICompatible` provides both for endpoints
