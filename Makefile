@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: venv venv-dev reproduce test lint bench clean
+.PHONY: venv venv-dev reproduce test lint bench docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,5 +40,9 @@ lint: venv-dev
 bench: venv-dev
 	$(PY) -m benchmarks
 
+# The documentation site in site/ (open site/index.html); warnings are errors (mkdocs.yml: strict).
+docs: venv-dev
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) results .pytest_cache site

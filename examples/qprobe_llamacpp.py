@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}/v1"
     server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                               "--port", str(port), "--embedding", "true", "--n_ctx", "2048"],
+                               "--port", str(port), "--embedding", "true", "--n_ctx", "2048",
+                               # the name the client asks for; the client checks /models lists it
+                               "--model_alias", "smollm2"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_up(base, server, args.startup_timeout)

@@ -3,6 +3,8 @@
 The weight core is re-exported here flat; each method lives in its own module or subpackage.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .checks import checks, checks_enabled, set_checks
 from .packing import document_index, document_losses, pack_documents
 from .reduce import accumulate_weighted, restore_rng_state, score_window, sequence_loss, weighted_loss
@@ -21,6 +23,14 @@ from .weights import (
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:  # type checkers see the lazily imported names below with their real types
+    from .influence import PresenceReweighter as PresenceReweighter
+    from .influence import SelfInfluence as SelfInfluence
+    from .loss_based import LossReweighter as LossReweighter
+    from .qprobe import QProbe as QProbe
+    from .sampler import AliasTable as AliasTable
+    from .sampler import DistributedWeightedSampler as DistributedWeightedSampler
+
 # Methods are imported on first use, so that ``import reweighting`` stays light (no
 # transformers, no scikit-learn) and each method's dependencies load only when it is used.
 _LAZY = {
@@ -33,7 +43,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 

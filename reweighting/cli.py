@@ -163,7 +163,12 @@ def _reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot create the folder ({err.strerror or err})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: the folder is not writable")
     todo = []
     for study in studies:
         if args.skip_existing and _already_done(out / study.name, args.quick, args.seeds):
@@ -277,6 +282,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     if not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is not a folder (run 'reweighting reproduce --out {args.out}' first)")
+    if not any(Path(args.out).glob("*/results.json")):
+        raise UsageError(f"--out {args.out} holds no results (no <study>/results.json in it); run "
+                         f"'reweighting reproduce --out {args.out}' first")
     print(build_report(Path(args.out)))
     if args.publish is not None:
         from .studies.publish import publish
@@ -288,6 +296,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _studies_epilog() -> str:
+    """The studies ``reproduce`` knows, for its ``--help``."""
+    try:
+        from .studies import all_studies
+
+        names = ", ".join(all_studies())
+    except Exception as err:  # a broken study module must not take the whole command line down
+        names = f"(could not be listed: {type(err).__name__}: {err})"
+    return f"studies: {names}. 'reweighting list' gives each one's claim."
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="reweighting", description="Per-sample reweighting and resampling.",
                     formatter_class=HelpFormatter)
@@ -297,8 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list the studies, one line each", formatter_class=HelpFormatter)
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("reproduce", help="run studies and write the report", formatter_class=HelpFormatter)
-    p.add_argument("studies", nargs="*", metavar="STUDY", help="studies to run (default: all)")
+    p = sub.add_parser("reproduce", help="run studies and write the report", formatter_class=HelpFormatter,
+                       description="Run studies and write <out>/report.md, <out>/<study>/results.json and plots.",
+                       epilog=_studies_epilog())
+    p.add_argument("studies", nargs="*", metavar="STUDY",
+                   help="studies to run (default: all; 'reweighting list' shows each one's claim)")
     p.add_argument("--quick", action="store_true", help="short runs (what the tests use), not the full study")
     p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default: the study's own)")
     p.add_argument("--out", default="results", help="output folder")

@@ -152,11 +152,18 @@ def _build_table(weights: torch.Tensor) -> torch.Tensor:
     """
     n = weights.shape[0]
     device = weights.device
-    scale = n / sum(float(weights[s : s + _CHUNK].sum(dtype=torch.float64)) for s in range(0, n, _CHUNK))
+    # p = n w / sum w, computed as (w / max w) * (n / sum(w / max w)): the sum of weights near the
+    # largest float would overflow, and n / sum of subnormal weights would (p = inf or 0 everywhere).
+    top = max(float(weights[s : s + _CHUNK].max()) for s in range(0, n, _CHUNK))
+    scale = n / sum(float((weights[s : s + _CHUNK].double() / top).sum()) for s in range(0, n, _CHUNK))
+
+    def p_of(w: torch.Tensor) -> torch.Tensor:  # out of place: w.double() may be the caller's tensor
+        return (w.double() / top).mul_(scale)
+
     heavy_mask = torch.empty(n, dtype=torch.bool, device=device)
     prob = torch.empty(n, dtype=torch.float32, device=device)
     for s in range(0, n, _CHUNK):
-        p = weights[s : s + _CHUNK].double() * scale
+        p = p_of(weights[s : s + _CHUNK])
         heavy_mask[s : s + _CHUNK] = p > 1.0
         prob[s : s + _CHUNK] = p.clamp_(max=1.0)
     heavy = torch.nonzero(heavy_mask).squeeze(1).int()
@@ -166,11 +173,11 @@ def _build_table(weights: torch.Tensor) -> torch.Tensor:
     if heavy.numel() > 0:
         surplus = torch.empty(heavy.numel(), dtype=torch.float64, device=device)  # S_j
         for s in range(0, heavy.numel(), _CHUNK):
-            surplus[s : s + _CHUNK] = weights[heavy[s : s + _CHUNK]].double().mul_(scale).sub_(1.0)
+            surplus[s : s + _CHUNK] = p_of(weights[heavy[s : s + _CHUNK]]).sub_(1.0)
         surplus.cumsum_(0)
         deficit = torch.zeros(light.numel() + 1, dtype=torch.float64, device=device)  # D_m, with D_0 = 0
         for s in range(0, light.numel(), _CHUNK):
-            deficit[1 + s : 1 + s + _CHUNK] = weights[light[s : s + _CHUNK]].double().mul_(-scale).add_(1.0)
+            deficit[1 + s : 1 + s + _CHUNK] = p_of(weights[light[s : s + _CHUNK]]).neg_().add_(1.0)
         deficit.cumsum_(0)
         last = heavy.numel() - 1
         # Light m goes to the first heavy j with S_j > D_m (rounding may leave none: then the last).
@@ -227,7 +234,8 @@ class DistributedWeightedSampler(Sampler[int]):
             weighted permutation (Efraimidis-Spirakis keys ``E_i / w_i``, ``E_i ~ Exp(1)``, sorted),
             ``O(n log n)`` per epoch; ``num_samples`` may not exceed the number of positive weights.
         seed: base seed, the same on every rank.
-        num_replicas, rank: default to the ``torch.distributed`` world (1 and 0 outside it).
+        num_replicas: the number of ranks; defaults to the ``torch.distributed`` world size (1 outside it).
+        rank: this process's rank; defaults to the ``torch.distributed`` rank (0 outside it).
 
     **Changing weights**: :meth:`update_weights` rebuilds the table; it applies from the next epoch
     that starts (immediately if no epoch is in progress), so an epoch is always drawn from one
@@ -437,11 +445,16 @@ class DistributedWeightedSampler(Sampler[int]):
         def table_from(s):
             return AliasTable.from_state_dict(s) if self.replacement else s["weights"]
 
+        table = table_from(state["table"])
+        saved_items, items = len(table), len(self._table)
+        if saved_items != items:  # another data set: loading it would silently change what is drawn
+            raise ValueError(f"state is from a sampler over {saved_items} items, but this sampler draws from "
+                             f"{items}: load it into a sampler built over the same data set")
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.num_samples = int(state["num_samples"])
         self.chunk_size = int(state["chunk_size"])
-        self._table = table_from(state["table"])
+        self._table = table
         self._pending = None if state.get("pending") is None else table_from(state["pending"])
         position = int(state["position"])
         saved_world = state.get("num_replicas")

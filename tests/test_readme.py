@@ -38,9 +38,8 @@ BLOCKS = python_blocks(README.read_text())
 def test_the_readme_has_blocks_and_the_parser_finds_fragments():
     sample = "text\n\n<!-- fragment -->\n```python\nx = 1\n```\n\n```python\nprint(2)\n```\n"
     assert python_blocks(sample) == [(4, "x = 1\n", True), (8, "print(2)\n", False)]
-    assert len(BLOCKS) >= 5
     runnable = [b for b in BLOCKS if not b[2]]
-    assert runnable, "at least one README block must run"
+    assert len(runnable) >= 3, "the README's three examples must run"
     print(f"README: {len(BLOCKS)} python blocks, {len(runnable)} run, {len(BLOCKS) - len(runnable)} fragments")
 
 

@@ -243,3 +243,35 @@ def test_old_state_without_world_size_loads_only_between_epochs():
     between = {k: v for k, v in DistributedWeightedSampler(torch.ones(50)).state_dict().items()
                if k != "num_replicas"}
     DistributedWeightedSampler(torch.ones(50), num_replicas=2, rank=0).load_state_dict(between)
+
+
+@pytest.mark.parametrize("weights, expected", [
+    # near the largest float64: their sum overflows to inf
+    (torch.tensor([1e308, 1e308, 1e300], dtype=torch.float64), [0.5, 0.5, 5e-9]),
+    # subnormal float64: n / sum overflows to inf
+    (torch.tensor([5e-324, 1e-323, 1.5e-323], dtype=torch.float64), [1 / 6, 1 / 3, 1 / 2]),
+    # subnormal float32 next to normal ones
+    (torch.tensor([2.0**-140, 2.0**-139, 3 * 2.0**-140], dtype=torch.float32), [1 / 6, 1 / 3, 1 / 2]),
+    # a huge heavy item beside many light ones
+    (torch.tensor([1.7e308] + [1e307] * 5, dtype=torch.float64), [1.7 / 2.2] + [0.1 / 2.2] * 5),
+])
+def test_alias_table_is_exact_at_the_ends_of_the_float_range(weights, expected):
+    saved = weights.clone()
+    table = AliasTable(weights)
+    torch.testing.assert_close(table.probabilities(), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-6, atol=1e-12)
+    assert torch.equal(weights, saved)  # the caller's weights are left as they were
+    rel = weights.double() / weights.double().max()  # frequencies from the exact build of a rescaled copy
+    torch.testing.assert_close(AliasTable(rel).probabilities(), table.probabilities())
+
+
+@pytest.mark.parametrize("replacement", [True, False])
+def test_load_state_dict_from_a_sampler_over_other_items_raises(replacement):
+    small = DistributedWeightedSampler(torch.ones(10), replacement=replacement, num_replicas=1, rank=0)
+    large = DistributedWeightedSampler(torch.ones(1000), replacement=replacement, num_replicas=1, rank=0)
+    with pytest.raises(ValueError, match="sampler over 10 items, but this sampler draws from 1000"):
+        large.load_state_dict(small.state_dict())
+    assert len(large) == 1000 and len(set(iter(large))) > 10  # nothing of the refused state was taken
+    same = DistributedWeightedSampler(torch.ones(1000), replacement=replacement, num_replicas=1, rank=0, seed=3)
+    large.load_state_dict(same.state_dict())
+    assert list(large) == list(same)

@@ -1,7 +1,8 @@
 """``reweighting qprobe sample | train | select | evaluate``: a Q-probe on a user's own model and prompts.
 
 - ``sample``: k completions per prompt (JSONL, one ``{"prompt": ...}`` per line) from a Hugging Face
-  model (a path or name, or ``smollm2`` for the bundled SmolLM2-135M-Instruct) or an
+  model (a local folder, a model already in the Hugging Face cache, or ``smollm2`` for the bundled
+  SmolLM2-135M-Instruct; nothing is downloaded) or an
   OpenAI-compatible API, written as ``samples.parquet`` (one row per completion) and
   ``features.safetensors`` (the same rows). A prompt line may carry its reward's ground truth:
   ``"answer"`` (numeric match of the completion's last number) or ``"test"`` and ``"entry_point"``
@@ -17,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -95,7 +97,11 @@ def _rewards(rows: list[dict], completions: list[list[str]], workers: int) -> li
 
 
 def _check_model_name(name: str) -> None:
-    """``smollm2``, a local folder with ``config.json``, or something shaped like a Hub repo id."""
+    """``smollm2``, a local folder with ``config.json``, or a model already in the Hugging Face cache.
+
+    Nothing is downloaded: a name that is neither a folder nor in the cache is an error at once,
+    before any model code runs (a lookup on the Hub would retry for half a minute without a network).
+    """
     if name == "smollm2":
         from .smollm2 import gguf_path
 
@@ -112,8 +118,23 @@ def _check_model_name(name: str) -> None:
         return
     looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep + os.sep in name \
         or name.endswith("/")
-    if looks_like_path:
-        raise UsageError(f"--model {name}: no such folder")
+    if looks_like_path or not _in_hf_cache(name):
+        raise UsageError(f"--model {name}: no such folder, and no model of that name in the Hugging Face cache "
+                         "(this command downloads nothing: give a folder written by save_pretrained, or "
+                         "download the model first)")
+
+
+def _in_hf_cache(name: str) -> bool:
+    """Whether the Hugging Face cache holds a ``config.json`` of ``name`` (looked up without the network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        found = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not shaped like a repo id
+        return False
+    return isinstance(found, str)
 
 
 def _load_model(name: str, device: str):
@@ -123,17 +144,12 @@ def _load_model(name: str, device: str):
         return load_smollm2(device=device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(name).expanduser().exists():
-        # Not a local folder: Hugging Face looks it up in its cache, then on the Hub (which can take
-        # a while to fail without a network), so say what is happening.
-        print(f"--model {name} is not a local folder: loading it as a Hugging Face Hub model", file=sys.stderr)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+    try:  # local files only: a folder, or the Hugging Face cache; never the network
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"--model {name}: neither a local model folder nor a model Hugging Face could load "
-                         f"({first})") from None
+        raise UsageError(f"--model {name}: not a model transformers could load from local files ({first})") from None
     return model.to(device).eval(), tokenizer
 
 
@@ -353,10 +369,22 @@ def _add_inputs(p: argparse.ArgumentParser, *, probe: bool) -> None:
     p.add_argument("--features", required=True, help="features.safetensors written by 'qprobe sample'")
 
 
+def _plain(text: str) -> str:
+    """Docstring markup (double backticks, ``:func:`` roles) as plain text for ``--help``."""
+    return re.sub(r":(?:func|class|meth|data):`~?([^`]*)`", r"\1", text).replace("``", "")
+
+
+class _RawHelpFormatter(HelpFormatter):
+    """Keeps the description's own line breaks (its list of subcommands)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
 def add_parser(subparsers) -> None:
     """Add ``qprobe`` and its subcommands to the ``reweighting`` command line."""
     qp = subparsers.add_parser("qprobe", help="Q-probe: sample, train a probe, select, evaluate",
-                               description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+                               description=_plain(__doc__), formatter_class=_RawHelpFormatter)
     sub = qp.add_subparsers(dest="qprobe_command", required=True)
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
@@ -390,7 +418,7 @@ def add_parser(subparsers) -> None:
     _add_inputs(p, probe=False)
     p.add_argument("--out", required=True, help="probe file (safetensors)")
     p.add_argument("--objective", default="pg", choices=["mse", "bce", "pg", "preference"],
-                   help="L_Q, L_CE, L_PG or L_QP (METHODS.md section 4)")
+                   help="mse: L_Q, bce: L_CE, pg: L_PG, preference: L_QP (docs/methods/qprobe.md)")
     p.add_argument("--hidden", type=positive_int, nargs="*", default=[], help="MLP hidden widths (default: linear)")
     p.add_argument("--lr", type=positive_float, default=5e-5, help="AdamW learning rate")
     p.add_argument("--epochs", type=positive_int, default=150, help="passes over the samples")

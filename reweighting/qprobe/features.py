@@ -3,7 +3,7 @@
 The feature of a completion is the hidden state of a chosen layer at the position that emitted the
 completion's final token, read from ``generate``'s own ``output_hidden_states`` (no second forward
 pass). When generation ends by EOS that position is the completion's last text token, i.e. the state
-after reading the whole completion, as in the paper (METHODS.md section 4); after a stop string it
+after reading the whole completion, as in the paper (docs/methods/qprobe.md); after a stop string it
 is the token before the stop string's last token; at ``max_new_tokens`` it is the token before the
 last one drawn (whose own state generate never computes). Prompts are left-padded in a batch;
 the feature depends on each prompt alone, which the tests check against a separate forward pass.

@@ -1,4 +1,4 @@
-"""Fitting a Q-probe to features and rewards with one of the objectives of METHODS.md section 4.
+"""Fitting a Q-probe to features and rewards with one of the objectives of docs/methods/qprobe.md#training-objectives.
 
 Defaults are the paper's: AdamW, learning rate 5e-5, 150 epochs, batches of 1000 samples, the
 weight decay given here used as given (the authors' public code dropped it, so AdamW silently
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -76,8 +77,10 @@ def _preference_pairs(r: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tenso
 
 def _check_group_signal(objective: str, groups: torch.Tensor, rewards: torch.Tensor, group_size: int) -> None:
     """The group objectives learn only from groups of two or more samples (a softmax over one sample
-    has zero gradient) and, for ``preference``, from a group with two different rewards: refuse
-    training data that cannot move the probe instead of returning the initial one."""
+    has zero gradient) and from a group with two different rewards (with equal rewards ``pg``'s
+    ``sum_i softmax(Q)_i (r_i - b)`` is constant and ``preference`` has no pair): refuse training data
+    that cannot move the probe instead of returning the initial one, or one that AdamW drifted on
+    rounding noise (it scales a gradient of 1e-9 to steps of ``lr``)."""
     if group_size < 2:
         raise ValueError(f"objective {objective!r} needs group_size >= 2 (groups of one sample have zero "
                          f"gradient), got {group_size}")
@@ -85,13 +88,13 @@ def _check_group_signal(objective: str, groups: torch.Tensor, rewards: torch.Ten
     if not bool((counts > 1).any()):
         raise ValueError(f"objective {objective!r}: every prompt in groups has only one sample, so the loss has "
                          "zero gradient; give several samples per prompt")
-    if objective == "preference":
-        r = rewards.detach().cpu().float()
-        hi = torch.full((counts.shape[0],), -math.inf).scatter_reduce(0, inverse, r, "amax")
-        lo = torch.full((counts.shape[0],), math.inf).scatter_reduce(0, inverse, r, "amin")
-        if not bool((hi > lo).any()):
-            raise ValueError("objective 'preference' needs a prompt with two samples of different rewards; "
-                             "within every group of the given groups the rewards are all equal")
+    r = rewards.detach().cpu().float()
+    hi = torch.full((counts.shape[0],), -math.inf).scatter_reduce(0, inverse, r, "amax")
+    lo = torch.full((counts.shape[0],), math.inf).scatter_reduce(0, inverse, r, "amin")
+    if not bool((hi > lo).any()):
+        raise ValueError(f"objective {objective!r} needs a prompt with two samples of different rewards; "
+                         "within every group of the given groups the rewards are all equal, so the loss has zero "
+                         "gradient")
 
 
 def _batches(x, r, group_ids, objective, batch_size, group_size, generator):
@@ -296,6 +299,9 @@ def fit_probe(
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("group_size", group_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if not (math.isfinite(float(lr)) and float(lr) > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if not (math.isfinite(float(weight_decay)) and float(weight_decay) >= 0):

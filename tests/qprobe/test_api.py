@@ -1,7 +1,10 @@
 import contextlib
 import hashlib
 import json
+import socketserver
 import threading
+import time
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -18,8 +21,11 @@ def _vector(text: str) -> list[float]:
 class _Handler(BaseHTTPRequestHandler):
     """OpenAI-like endpoints. Server flags reproduce real servers: ``ignore_n`` answers one completion
     per request, "<prompt> answer <seed>" (llama.cpp's server, Ollama); ``token_embeddings`` returns
-    ``[n_tokens, 8]`` per text (llama.cpp without pooling); ``redirects`` maps a path to
-    ``(status, location)``."""
+    ``[n_tokens, 8]`` per text (llama.cpp without pooling); ``batch_fault`` gives the right vector
+    only for the first text of a batch and, for the others, vectors read from the wrong place
+    (llama-cpp-python's batched ``/embeddings``); ``models`` is the list ``GET /v1/models`` answers
+    (``None``: 404, a server that lists none); ``reply_model`` the ``model`` field of every reply
+    (``None``: none); ``redirects`` maps a path to ``(status, location)``."""
 
     def log_message(self, *args):  # keep test output quiet
         pass
@@ -34,7 +40,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.server.requests.append((self.path, self.headers.get("Authorization"), None, "GET"))
-        self.send_error(405, "only POST")
+        if self.path == "/v1/models" and self.server.models is not None:
+            self._answer({"object": "list", "data": [{"id": m, "object": "model"} for m in self.server.models]})
+        else:
+            self.send_error(404, "no such endpoint")
+
+    def _answer_as_model(self, reply: dict) -> None:
+        if self.server.reply_model is not None:
+            reply["model"] = self.server.reply_model
+        self._answer(reply)
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -55,13 +69,17 @@ class _Handler(BaseHTTPRequestHandler):
                 # Choices deliberately out of order: the client must sort them by index.
                 choices = [{"index": i, "message": {"role": "assistant", "content": f"{prompt} answer {i}"}}
                            for i in reversed(range(body["n"]))]
-            self._answer({"choices": choices})
+            self._answer_as_model({"choices": choices})
         elif self.path == "/v1/embeddings":
             if self.server.token_embeddings:
                 data = [{"index": i, "embedding": _token_vectors(t)} for i, t in enumerate(body["input"])]
             else:
                 data = [{"index": i, "embedding": _vector(t)} for i, t in enumerate(body["input"])]
-            self._answer({"data": data})
+            if self.server.batch_fault:
+                texts = body["input"]
+                for i in range(1, len(texts)):  # an offset that advanced by too little: another place's floats
+                    data[i]["embedding"] = _vector(f"{texts[0]}|offset {i}")
+            self._answer_as_model({"data": data})
         else:
             self.send_error(404, "no such endpoint")
 
@@ -72,12 +90,16 @@ def _token_vectors(text: str) -> list[list[float]]:
 
 
 @contextlib.contextmanager
-def loopback_server(lifetime: float = 60.0, *, ignore_n: bool = False, token_embeddings: bool = False):
+def loopback_server(lifetime: float = 60.0, *, ignore_n: bool = False, token_embeddings: bool = False,
+                    batch_fault: bool = False, models: list[str] | None = None, reply_model: str | None = None):
     """An OpenAI-like server on 127.0.0.1 (only), stopped on exit or after ``lifetime`` seconds."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.requests = []
     server.ignore_n = ignore_n
     server.token_embeddings = token_embeddings
+    server.batch_fault = batch_fault
+    server.models = models
+    server.reply_model = reply_model
     server.redirects = {}
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -104,9 +126,13 @@ def test_openai_compatible_over_http():
         expected = torch.tensor(_vector("three\n\nthree answer 2"))
         torch.testing.assert_close(samples.features[1, 2], expected)
         paths = [p for p, _, _, _ in server.requests]
-        assert paths == ["/v1/chat/completions", "/v1/embeddings"] * 2
+        # the models are looked up once; the first batch is checked against one text per request
+        assert paths == ["/v1/chat/completions", "/v1/models", "/v1/embeddings", *["/v1/embeddings"] * 3,
+                         "/v1/chat/completions", "/v1/embeddings"]
+        assert [len(body["input"]) for p, _, body, _ in server.requests if p == "/v1/embeddings"] == [3, 1, 1, 1, 3]
+        assert client.batched_embeddings_agree is True
         assert all(auth == "Bearer sk-test" for _, auth, _, _ in server.requests)
-        assert server.requests[0][2]["n"] == 3 and server.requests[1][2]["model"] == "embed-model"
+        assert server.requests[0][2]["n"] == 3 and server.requests[2][2]["model"] == "embed-model"
         with pytest.raises(RuntimeError, match="HTTP 404"):
             client._post("/missing", {})
 
@@ -124,8 +150,9 @@ def test_sample_and_embed_with_plain_callables_checks_shapes():
         sample_and_embed(["ab"], lambda p, n: ["x"], embed, k=3, progress=False)
 
 
-def _client(server, path="/v1", **kwargs):
-    return OpenAICompatible(f"http://127.0.0.1:{server.server_address[1]}{path}", "m", api_key="sk-secret", **kwargs)
+def _client(server, path="/v1", model="m", **kwargs):
+    kwargs.setdefault("check_model", False)  # the model checks have their own tests
+    return OpenAICompatible(f"http://127.0.0.1:{server.server_address[1]}{path}", model, api_key="sk-secret", **kwargs)
 
 
 @pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
@@ -226,3 +253,129 @@ def test_malformed_replies_are_clear_errors():
             client._post = lambda path, payload, reply=reply: reply
             with pytest.raises(APIError, match=words):
                 client.embed(["x"])
+
+
+def test_batched_embedding_fault_is_caught_on_first_use_and_the_client_falls_back_once():
+    texts = ["q\n\nfirst answer", "q\n\nsecond answer", "q\n\nthird answer"]
+    alone = torch.tensor([_vector(t) for t in texts])
+    with loopback_server(batch_fault=True) as server:
+        trusting = _client(server, batch="trust")
+        wrong = trusting.embed(texts)  # the fault as a client that trusts batches sees it
+        torch.testing.assert_close(wrong[0], alone[0])
+        assert not torch.allclose(wrong[1:], alone[1:])
+        server.requests.clear()
+        client = _client(server)
+        with pytest.warns(UserWarning, match=r"rows \[1, 2\] of the first batch of 3.*one text per request"):
+            first = client.embed(texts)
+        torch.testing.assert_close(first, alone)
+        assert client.batched_embeddings_agree is False
+        server.requests.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once, not again
+            second = client.embed(texts[::-1])
+        torch.testing.assert_close(second, alone.flip(0))
+        assert [len(body["input"]) for _, _, body, _ in server.requests] == [1, 1, 1]
+
+
+def test_features_from_a_server_with_the_batch_fault_equal_one_text_per_request():
+    with loopback_server(batch_fault=True, ignore_n=True) as server:
+        client = _client(server)
+        with pytest.warns(UserWarning, match="one text per request"):
+            samples = sample_and_embed(["two", "three"], client.sample, client.embed, k=4, progress=False)
+        expected = torch.tensor([[_vector(f"{p}\n\n{c}") for c in drawn]
+                                 for p, drawn in zip(samples.prompts, samples.completions)])
+        torch.testing.assert_close(samples.features, expected)
+        single = _client(server, batch="single")
+        server.requests.clear()
+        torch.testing.assert_close(single.embed(["a", "b"]), torch.tensor([_vector("a"), _vector("b")]))
+        assert [len(body["input"]) for _, _, body, _ in server.requests] == [1, 1]
+
+
+def test_a_healthy_server_keeps_batches_after_the_check():
+    with loopback_server() as server:
+        client = _client(server)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            client.embed(["a", "b"])
+            server.requests.clear()
+            client.embed(["c", "d", "e"])
+        assert [len(body["input"]) for _, _, body, _ in server.requests] == [3]
+        assert client.batched_embeddings_agree is True
+
+
+def test_disagreement_rule_on_cosine_and_norm():
+    from reweighting.qprobe.api import _disagreeing_rows
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [1.0, 1.0]])
+    rotated = torch.tensor([[0.9995, 0.0316], [0.0, 2.0], [3.0, 4.0], [1.0, 1.0]])  # cosine 0.9995: agrees
+    assert _disagreeing_rows(rotated, a) == []
+    assert _disagreeing_rows(torch.tensor([[0.99, 0.141], [0.0, 2.0], [3.0, 4.0], [1.0, 1.0]]), a) == [0]
+    scaled = a.clone()
+    scaled[2] *= 1.02  # same direction, norms 2 % apart
+    assert _disagreeing_rows(scaled, a) == [2]
+    scaled[2] = a[2] * 1.009
+    assert _disagreeing_rows(scaled, a) == []
+    assert _disagreeing_rows(a[:, :1], a) == [0, 1, 2, 3]
+
+
+def test_the_model_asked_for_must_be_the_one_that_answers():
+    with loopback_server(models=["served-model"]) as server:
+        with pytest.raises(RuntimeError, match=r"does not serve the model 'typo'.*\['served-model'\]"):
+            _client(server, check_model=True, model="typo").sample("q", 1)
+        with pytest.raises(RuntimeError, match="does not serve the model 'typo'"):
+            OpenAICompatible(f"http://127.0.0.1:{server.server_address[1]}/v1", "served-model", "typo").embed(["a"])
+        assert _client(server, check_model=True, model="served-model").sample("q", 1) == ["q answer 0"]
+        assert _client(server, model="typo").sample("q", 1) == ["q answer 0"]  # check_model=False
+    with loopback_server(reply_model="the-default") as server:  # lists no models, but names the one that answered
+        with pytest.raises(RuntimeError, match="answered with the model 'the-default' when 'm' was asked"):
+            _client(server, check_model=True).embed(["a"])
+    with loopback_server(reply_model="m-2024-08-06") as server:  # a dated snapshot of the model asked for
+        assert _client(server, check_model=True).sample("q", 1) == ["q answer 0"]
+
+
+class _BrokenHandler(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.rfile.readline()
+        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+            pass
+        mode = self.server.mode
+        if mode == "drop":
+            return  # closes the connection without a word
+        if mode == "slow":
+            time.sleep(1.5)
+        body = b'{"data": "\xff\xfe"}' if mode == "utf8" else b'{"data": []}'
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+@pytest.mark.parametrize("mode, words", [("utf8", "not UTF-8"), ("drop", "closed the connection"),
+                                         ("slow", "within timeout = 0.3 s")])
+def test_a_broken_server_gives_an_api_error_naming_the_url(mode, words):
+    from reweighting.qprobe import APIError
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _BrokenHandler)
+    server.daemon_threads = True
+    server.mode = mode
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        client = OpenAICompatible(url, "m", timeout=0.3, check_model=False)
+        with pytest.raises(APIError, match=words) as info:
+            client.embed(["a"])
+        assert f"{url}/embeddings" in str(info.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_empty_vectors_and_null_content_are_errors():
+    from reweighting.qprobe import APIError
+
+    client = OpenAICompatible("http://127.0.0.1:9/v1", "m", check_model=False)
+    client._post = lambda path, payload: {"data": [{"index": 0, "embedding": []}]}
+    with pytest.raises(APIError, match="empty vector .width 0. for text 0"):
+        client.embed(["a"])
+    client._post = lambda path, payload: {"choices": [{"index": 0, "message": {"content": None}}]}
+    with pytest.raises(APIError, match="message.content null"):
+        client.sample("p", 1)

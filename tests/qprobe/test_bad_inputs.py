@@ -102,6 +102,13 @@ ERRORS = [
     ("fit: epochs 0", lambda: fit(epochs=0), ValueError, ["epochs"]),
     ("fit: batch_size 0", lambda: fit(batch_size=0), ValueError, ["batch_size"]),
     ("fit: negative lr", lambda: fit(lr=-1.0), ValueError, ["lr"]),
+    ("fit: lr None", lambda: fit(lr=None), TypeError, ["lr", "None"]),
+    ("fit: lr text", lambda: fit(lr="1e-3"), TypeError, ["lr", "'1e-3'"]),
+    ("fit: weight decay text", lambda: fit(weight_decay="0.1"), TypeError, ["weight_decay", "'0.1'"]),
+    ("fit: pg with constant rewards", lambda: fit(rewards=torch.ones(40)), ValueError,
+     ["'pg'", "different rewards", "zero gradient"]),
+    ("fit: pg with rewards constant within each group", lambda: fit(rewards=(G % 2).float()), ValueError,
+     ["'pg'", "different rewards"]),
     ("fit: NaN lr", lambda: fit(lr=NAN), ValueError, ["lr"]),
     ("fit: negative weight decay", lambda: fit(weight_decay=-0.1), ValueError, ["weight_decay"]),
     ("fit: group_size 0", lambda: fit(group_size=0), ValueError, ["group_size"]),
@@ -197,6 +204,13 @@ ERRORS = [
     ("client pooling", lambda: client(pooling="max"), ValueError, ["pooling", "'max'"]),
     ("client max_tokens 0", lambda: client(max_tokens=0), ValueError, ["max_tokens"]),
     ("client timeout 0", lambda: client(timeout=0), ValueError, ["timeout"]),
+    ("client timeout text", lambda: client(timeout="5"), TypeError, ["timeout", "'5'"]),
+    ("client timeout NaN", lambda: client(timeout=NAN), ValueError, ["timeout"]),
+    ("client temperature text", lambda: client(temperature="hot"), TypeError, ["temperature", "'hot'"]),
+    ("client temperature None", lambda: client(temperature=None), TypeError, ["temperature", "None"]),
+    ("client batch", lambda: client(batch="maybe"), ValueError, ["batch", "'maybe'"]),
+    ("client check_model text", lambda: client(check_model="no"), TypeError, ["check_model"]),
+    ("client empty embedding model", lambda: client(embedding_model=""), ValueError, ["embedding_model"]),
     ("client seed text", lambda: client(seed="1"), ValueError, ["seed"]),
     ("client negative temperature", lambda: client(temperature=-1.0), ValueError, ["temperature"]),
     ("client empty model", lambda: client(model=""), ValueError, ["model"]),
@@ -233,6 +247,48 @@ def test_bad_input_gives_a_clear_error(name, call, error, words):
 @pytest.mark.parametrize("name, call, expected", CORRECT, ids=[c[0] for c in CORRECT])
 def test_odd_input_gives_the_exact_answer(name, call, expected):
     assert call() == expected
+
+
+def test_pg_with_a_group_of_different_rewards_fits():
+    rewards = torch.zeros(40)
+    rewards[0] = 1.0  # one group of ten has a signal: enough to learn from
+    probe = fit(rewards=rewards, epochs=2)
+    assert probe.score(X).shape == (40,)
+
+
+def _prompts(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "2 + 2 =", "answer": 4}\n')
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["no-such-model", "no-such-org/no-such-model", "./missing-folder"])
+def test_qprobe_sample_with_a_missing_model_fails_at_once_without_a_hub(name, tmp_path, capsys, monkeypatch):
+    import transformers
+
+    from reweighting.cli import main
+
+    def no_loading(*args, **kwargs):  # nothing may try to load (and so reach a hub)
+        raise AssertionError("from_pretrained was called")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    code = main(["qprobe", "sample", "--model", name, "--prompts", _prompts(tmp_path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert f"--model {name}: no such folder" in err[0] and "downloads nothing" in err[0]
+
+
+def test_qprobe_help_is_plain_text(capsys):
+    from reweighting.cli import main
+
+    for argv in (["qprobe", "--help"], ["qprobe", "train", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = capsys.readouterr().out
+        assert "``" not in text and ":func:" not in text and "METHODS" not in text
+    with pytest.raises(SystemExit):
+        main(["qprobe", "--help"])
+    assert "- sample: k completions per prompt" in capsys.readouterr().out
 
 
 def test_sweep_size():
