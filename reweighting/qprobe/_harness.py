@@ -40,6 +40,14 @@ class ProtocolError(Exception):
     """The program's process sent something that is not a well-formed message."""
 
 
+class HarnessCpuLimit(BaseException):
+    """This process (the tests, and the decoding of the program's answers) passed ``cpu_seconds``."""
+
+
+def on_cpu_limit(signum, frame):
+    raise HarnessCpuLimit()
+
+
 class ProgramError(Exception):
     """The program raised an exception that is not a built-in ``Exception`` subclass, or ended."""
 
@@ -398,10 +406,18 @@ def child(spec, req_r, res_w):
     """``C``: runs the program; answers ``["call", name, args, kwargs]`` requests; never returns."""
     code = 1
     try:
+        signal.signal(signal.SIGXCPU, signal.SIG_DFL)  # the program's own CPU limit ends it
         devnull = os.open("/dev/null", os.O_RDONLY)
         os.dup2(devnull, 0)
         close_all_but({0, 1, 2, req_r, res_w})
-        namespace = {"__name__": spec["run_name"], "__builtins__": builtins}
+        # The program runs as a module of its own, registered under its name, so that pickling its
+        # functions by reference works (multiprocessing sends them to its workers that way).
+        import types
+
+        module = types.ModuleType(spec["run_name"])
+        module.__builtins__ = builtins
+        sys.modules[spec["run_name"]] = module
+        namespace = module.__dict__
         try:
             exec(compile(spec["source"], "<program>", "exec"), namespace)
         except BaseException as exc:  # SystemExit included: the program did not get to the tests
@@ -580,6 +596,9 @@ def main():
     verdict = {"status": "failed", "detail": "", "returncode": None}
     if watch_fd >= 0:
         hand_over(watch_fd, spec["watch_paths"])
+    # Past its soft CPU limit this process gets SIGXCPU (pid 1 of a namespace only with a handler):
+    # the tests stop there, and the verdict says so; the hard limit, one second on, kills it.
+    signal.signal(signal.SIGXCPU, on_cpu_limit)
     req_r, req_w = os.pipe()
     res_r, res_w = os.pipe()
     pid = os.fork()
@@ -622,6 +641,10 @@ def main():
             namespace[trusted["entry_point"]] = remote
             check(remote)
             verdict["status"] = "passed"
+    except HarnessCpuLimit:
+        verdict["status"] = "cpu_limit"
+        verdict["detail"] = ("the tests' process (the tests, and the decoding of the program's answers) used "
+                             "more than cpu_seconds")
     except ProgramError as exc:
         verdict["detail"] = str(exc)
         if str(exc) == "the program's process ended":

@@ -32,7 +32,7 @@ from ._bwrap import sandbox_python
 from ._sandbox_types import ExecutionResult, SandboxLimits, SandboxUnavailable, TestedProgram
 
 __all__ = ["SandboxLimits", "TestedProgram", "ExecutionResult", "SandboxUnavailable", "run_program",
-           "run_programs", "code_reward", "humaneval_program", "mbpp_program", "isolation_available",
+           "run_programs", "code_reward", "humaneval_program", "mbpp_program", "prelude_of", "isolation_available",
            "sandbox_python"]
 
 ISOLATIONS = ("bwrap", "none-unsafe")
