@@ -189,6 +189,9 @@ class Budget:
         self.elements += 1
         if self.elements > MAX_ELEMENTS:
             raise ProtocolError(f"a value has more than {MAX_ELEMENTS} elements")
+        self.tick()
+
+    def tick(self):
         if time.process_time() > self.deadline:
             raise ProtocolError("decoding a value took more than the run's cpu_seconds")
 
@@ -202,7 +205,7 @@ def _hashed(add, items, budget, key=lambda item: item):
     are refused, which bounds the cost of building (and of copying) to that many probes per member."""
     shared = {}
     for item in items:
-        budget.spend()
+        budget.tick()
         try:
             h = hash(key(item))
         except TypeError:
