@@ -20,25 +20,27 @@ from reweighting.qprobe.sandbox import (
 needs_sandbox = pytest.mark.skipif(not isolation_available()[0], reason=isolation_available()[1])
 LIMITS = SandboxLimits(wall_seconds=20.0, cpu_seconds=5, memory_bytes=1 << 30, max_processes=64)
 
+OD = "from collections import OrderedDict\n"
 # name -> (program defining f, body of check(c), whether it must pass). Each "right" answer passes in
 # one process with these tests; each "wrong" one fails there too.
 FAITHFUL = {
-    "OrderedDict in order": ("from collections import OrderedDict\ndef f():\n    return OrderedDict([('b', 1), ('a', 2)])",
-                             "from collections import OrderedDict\n    assert c() == OrderedDict([('b', 1), ('a', 2)])",
-                             True),
-    "OrderedDict out of order": ("from collections import OrderedDict\ndef f():\n    return OrderedDict([('a', 2), ('b', 1)])",
-                                 "from collections import OrderedDict\n    assert c() == OrderedDict([('b', 1), ('a', 2)])",
-                                 False),
+    "OrderedDict in order": (OD + "def f():\n    return OrderedDict([('b', 1), ('a', 2)])",
+                             OD + "    assert c() == OrderedDict([('b', 1), ('a', 2)])", True),
+    "OrderedDict out of order": (OD + "def f():\n    return OrderedDict([('a', 2), ('b', 1)])",
+                                 OD + "    assert c() == OrderedDict([('b', 1), ('a', 2)])", False),
     "defaultdict keeps its default": ("from collections import defaultdict\ndef f():\n    d = defaultdict(list)\n"
                                       "    d['k'].append(1)\n    return d",
-                                      "d = c()\n    assert d['missing'] == [] and d == {'k': [1], 'missing': []}", True),
+                                      "d = c()\n    assert d['missing'] == [] and d == {'k': [1], 'missing': []}",
+                                      True),
     "defaultdict of a lambda still compares": ("from collections import defaultdict\ndef f():\n"
-                                               "    return defaultdict(lambda: 0, a=1)", "assert c() == {'a': 1}", True),
+                                               "    return defaultdict(lambda: 0, a=1)",
+                                               "assert c() == {'a': 1}", True),
     "Counter": ("from collections import Counter\ndef f():\n    return Counter('abca')",
                 "r = c()\n    assert r == {'a': 2, 'b': 1, 'c': 1} and r['z'] == 0 and r.most_common(1) == [('a', 2)]",
                 True),
     "deque with maxlen": ("from collections import deque\ndef f():\n    return deque([1, 2, 3], maxlen=3)",
-                          "from collections import deque\n    r = c()\n    assert r == deque([1, 2, 3]) and r.maxlen == 3",
+                          "from collections import deque\n    r = c()\n"
+                          "    assert r == deque([1, 2, 3]) and r.maxlen == 3",
                           True),
     "deque is not a list": ("from collections import deque\ndef f():\n    return deque([1, 2])",
                             "assert c() != [1, 2]", True),
@@ -48,7 +50,8 @@ FAITHFUL = {
     "bytearray": ("def f():\n    return bytearray(b'ab')", "r = c()\n    assert r == b'ab' and type(r) is bytearray",
                   True),
     "Fraction is exact": ("from fractions import Fraction\ndef f():\n    return Fraction(1, 3)",
-                          "from fractions import Fraction\n    assert c() == Fraction(1, 3) and c() != 0.3333333333333333",
+                          "from fractions import Fraction\n"
+                          "    assert c() == Fraction(1, 3) and c() != 0.3333333333333333",
                           True),
     "Decimal is exact": ("from decimal import Decimal\ndef f():\n    return Decimal('0.1') + Decimal('0.2')",
                          "from decimal import Decimal\n    assert c() == Decimal('0.3')", True),
@@ -64,7 +67,8 @@ FAITHFUL = {
 
 @needs_sandbox
 def test_answers_are_compared_as_the_tests_compare_them():
-    programs = [TestedProgram(source + "\n", f"def check(c):\n    {test}\n", "f") for source, test, _ in FAITHFUL.values()]
+    programs = [TestedProgram(source + "\n", f"def check(c):\n    {test}\n", "f")
+                for source, test, _ in FAITHFUL.values()]
     results = run_programs(programs, LIMITS, workers=4)
     got = {name: r.status for name, r in zip(FAITHFUL, results)}
     assert got == {name: "passed" if ok else "failed" for name, (_, _, ok) in FAITHFUL.items()}, results
@@ -72,13 +76,13 @@ def test_answers_are_compared_as_the_tests_compare_them():
 
 @needs_sandbox
 def test_a_large_answer_passes_and_a_refused_type_is_named():
-    big = TestedProgram("def f():\n    return 'x' * (40 << 20)\n", "def check(c):\n    assert c() == 'x' * (40 << 20)\n",
-                        "f")
+    big = TestedProgram("def f():\n    return 'x' * (40 << 20)\n",
+                        "def check(c):\n    assert c() == 'x' * (40 << 20)\n", "f")
     assert run_program(big, LIMITS).status == "passed"
     refused = run_program(TestedProgram("def f():\n    return f\n", "def check(c):\n    assert c()\n", "f"), LIMITS)
     assert refused.status == "failed" and "function cannot be passed" in refused.detail, refused
-    too_deep = run_program(TestedProgram("def f():\n    x = []\n    for _ in range(1200):\n        x = [x]\n    return x\n",
-                                         "def check(c):\n    c()\n", "f"), LIMITS)
+    nest = "def f():\n    x = []\n    for _ in range(1200):\n        x = [x]\n    return x\n"
+    too_deep = run_program(TestedProgram(nest, "def check(c):\n    c()\n", "f"), LIMITS)
     assert too_deep.status == "failed" and "nested more than 1000 deep" in too_deep.detail, too_deep
 
 
@@ -150,11 +154,13 @@ RUNTIME = {
     "multiprocessing.Pool": "import multiprocessing\ndef sq(x):\n    return x * x\ndef f(n):\n"
                             "    with multiprocessing.Pool(2) as pool:\n        return sum(pool.map(sq, range(n)))\n",
     "ThreadPoolExecutor(20)": "from concurrent.futures import ThreadPoolExecutor\ndef f(n):\n"
-                              "    with ThreadPoolExecutor(20) as pool:\n        return sum(pool.map(lambda x: x * x, range(n)))\n",
+                              "    with ThreadPoolExecutor(20) as pool:\n"
+                              "        return sum(pool.map(lambda x: x * x, range(n)))\n",
     "getpass.getuser": "import getpass\ndef f(n):\n    assert getpass.getuser() == 'sandbox'\n"
                        "    return sum(x * x for x in range(n))\n",
     "resolve localhost": "import socket\ndef f(n):\n    socket.getaddrinfo('localhost', 80)\n"
-                         "    assert socket.gethostbyname('localhost') == '127.0.0.1'\n    return sum(x * x for x in range(n))\n",
+                         "    assert socket.gethostbyname('localhost') == '127.0.0.1'\n"
+                         "    return sum(x * x for x in range(n))\n",
 }
 
 
