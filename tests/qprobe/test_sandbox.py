@@ -422,3 +422,25 @@ def test_an_interpreter_prefix_that_would_expose_a_top_level_folder_is_refused(p
     with pytest.raises(SandboxUnavailable, match="two folders deep"):
         _bwrap.python_root(python)
     assert _bwrap.python_root("/opt/python-3.11/bin/python3") == "/opt/python-3.11"
+
+
+def test_a_verdict_counts_only_with_this_runs_token():
+    token = b"a" * 64
+    good = b'{"token": "' + token + b'", "status": "passed", "detail": "", "returncode": 0}'
+    assert _run.parse_verdict(good, token) == {"status": "passed", "detail": "", "returncode": 0}
+    assert _run.parse_verdict(good.replace(b"a" * 64, b"b" * 64), token) is None
+    assert _run.parse_verdict(good.replace(b'"token": "' + token + b'", ', b""), token) is None
+    assert _run.parse_verdict(good.replace(b"passed", b"won"), token) is None
+
+
+@needs_sandbox
+def test_processes_and_threads_are_capped_at_max_processes():
+    # Fork until the kernel refuses (RLIMIT_NPROC), each child waiting; the count includes the harness's
+    # process and the program's own, so the program may start max_processes - 2 more.
+    program = ("import os, time\nstarted = 0\ntry:\n    while started < 200:\n        if os.fork() == 0:\n"
+               "            time.sleep(2)\n            os._exit(0)\n        started += 1\nexcept OSError:\n    pass\n"
+               "print(started)\n")
+    limits = SandboxLimits(wall_seconds=10.0, cpu_seconds=2, memory_bytes=256 << 20, max_processes=12)
+    result = run_program(program, limits)
+    assert result.status == "completed", result
+    assert int(result.stdout.split()[-1]) == limits.max_processes - 2, result.stdout
