@@ -16,8 +16,6 @@ reads the run's random token from standard input only after ``C`` exists (so no 
 
 import builtins
 import collections
-import decimal
-import fractions
 import json
 import os
 import resource
@@ -89,9 +87,10 @@ def builtin_base(value):
         out = collections.defaultdict(value.default_factory)
         out.update(dict.items(value))
         return out
-    if isinstance(value, fractions.Fraction):
+    fractions, decimal = sys.modules.get("fractions"), sys.modules.get("decimal")
+    if fractions is not None and isinstance(value, fractions.Fraction):
         return fractions.Fraction(int(value.numerator), int(value.denominator))
-    if isinstance(value, decimal.Decimal):
+    if decimal is not None and isinstance(value, decimal.Decimal):
         return decimal.Decimal(decimal.Decimal.__str__(value))
     for base in (dict, list, tuple, frozenset, set, collections.deque):
         if isinstance(value, base):
@@ -106,7 +105,7 @@ def encode(value, depth=0, loose=False):
     if depth > MAX_DEPTH:
         raise ValueError(f"value nested more than {MAX_DEPTH} deep")
     t = type(value)
-    if loose and t not in EXACT:
+    if loose and t not in EXACT and not _numbers(t):
         value = builtin_base(value)
         t = type(value)
     if value is None:
@@ -125,9 +124,10 @@ def encode(value, depth=0, loose=False):
         return ["y", value.hex()]
     if t is bytearray:
         return ["Y", value.hex()]
-    if t is fractions.Fraction:
+    number = _numbers(t)
+    if number == "Q":
         return ["Q", hex(value.numerator), hex(value.denominator)]
-    if t is decimal.Decimal:
+    if number == "D":
         return ["D", str(value)]
     if t is range:
         return ["r", hex(value.start), hex(value.stop), hex(value.step)]
@@ -154,9 +154,20 @@ def encode(value, depth=0, loose=False):
 
 SEQUENCES = {list: "l", tuple: "t", set: "S", frozenset: "F"}
 MAPPINGS = {dict: "d", collections.OrderedDict: "od", collections.Counter: "C", collections.defaultdict: "dd"}
-EXACT = (type(None), bool, int, float, complex, str, bytes, bytearray, fractions.Fraction, decimal.Decimal, range,
-         list, tuple, set, frozenset, dict, collections.OrderedDict, collections.Counter, collections.defaultdict,
-         collections.deque) + DICT_VIEWS
+EXACT = (type(None), bool, int, float, complex, str, bytes, bytearray, range, list, tuple, set, frozenset, dict,
+         collections.OrderedDict, collections.Counter, collections.defaultdict, collections.deque) + DICT_VIEWS
+
+
+def _numbers(t):
+    """``"Q"`` for ``fractions.Fraction``, ``"D"`` for ``decimal.Decimal``, else ``None``. Those modules are
+    imported only where a value needs them (no value can be of a type whose module is not loaded), so
+    that the harness starts without them."""
+    fractions, decimal = sys.modules.get("fractions"), sys.modules.get("decimal")
+    if fractions is not None and t is fractions.Fraction:
+        return "Q"
+    if decimal is not None and t is decimal.Decimal:
+        return "D"
+    return None
 
 
 def _hex_int(text):
@@ -245,11 +256,15 @@ def decode(obj, depth=0, budget=None):
         except ValueError:
             raise ProtocolError("bad bytes") from None
     if tag == "Q" and n == 3:
+        import fractions
+
         numerator, denominator = _hex_int(obj[1]), _hex_int(obj[2])
         if denominator <= 0:
             raise ProtocolError("bad fraction")
         return fractions.Fraction(numerator, denominator)
     if tag == "D" and n == 2 and type(obj[1]) is str and len(obj[1]) < 1 << 20:
+        import decimal
+
         try:
             return decimal.Decimal(obj[1])
         except decimal.InvalidOperation:
@@ -543,13 +558,16 @@ def hand_over(sock_fd, paths):
     the run's writable file systems (``paths``) and of this sandbox's ``/proc``, and wait until it
     says it is watching. Done before the program's process exists, so the descriptors are the real
     mounts. Any failure ends the run before the program starts."""
-    import socket
+    import _socket  # not ``socket``, whose imports would delay every run
 
     fds = [os.open(path, os.O_RDONLY | os.O_DIRECTORY) for path in list(paths) + ["/proc"]]
-    with socket.socket(fileno=sock_fd) as sock:
-        sock.sendmsg([b"w"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+    sock = _socket.socket(fileno=sock_fd)
+    try:
+        sock.sendmsg([b"w"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
         if sock.recv(1) != b"w":
             raise ProtocolError("the limit watcher did not start")
+    finally:
+        sock.close()
     for fd in fds:
         os.close(fd)
 

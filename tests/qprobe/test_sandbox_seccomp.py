@@ -53,6 +53,15 @@ lock = ctypes.create_string_buffer(64)  # a struct flock, zeroed: F_RDLCK of the
 for name, cmd in FCNTL.items():
     out["fcntl " + name] = call(NUMBERS_ALL["fcntl"], fd, cmd, ctypes.addressof(lock))
 out["fcntl F_GETFD"] = call(NUMBERS_ALL["fcntl"], fd, 1)
+r, w = os.pipe()
+out["fcntl F_SETPIPE_SZ"] = call(NUMBERS_ALL["fcntl"], w, 1031, 1 << 20)
+out["fcntl F_GETPIPE_SZ"] = call(NUMBERS_ALL["fcntl"], w, 1032)
+size = ctypes.c_int(1 << 22)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+for option in (7, 8, 32, 33):
+    out["setsockopt %d" % option] = call(NUMBERS_ALL["setsockopt"], s.fileno(), 1, option, ctypes.addressof(size), 4)
+out["setsockopt SO_KEEPALIVE"] = call(NUMBERS_ALL["setsockopt"], s.fileno(), 1, 9, ctypes.addressof(size), 4)
+out["setsockopt at another level"] = call(NUMBERS_ALL["setsockopt"], s.fileno(), 0, 7, ctypes.addressof(size), 4)
 out["flock on /usr"] = call(NUMBERS_ALL["flock"], fd, 2 | 4)  # LOCK_EX | LOCK_NB
 for family, kind in ((16, socket.SOCK_RAW), (40, socket.SOCK_STREAM), (17, socket.SOCK_RAW)):
     out["socket family %d" % family] = call(NUMBERS_ALL["socket"], family, kind, 0)
@@ -94,8 +103,19 @@ def test_a_denied_fcntl_command_is_refused_by_the_filter(probed, command):
     assert probed["fcntl " + command] == ERR_LOCK, (command, probed["fcntl " + command])
 
 
+@pytest.mark.parametrize("option", [7, 8, 32, 33])  # SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE
+def test_socket_buffers_cannot_grow(probed, option):
+    assert probed[f"setsockopt {option}"] == ERR_DENY
+
+
+def test_pipe_buffers_cannot_grow(probed):
+    assert probed["fcntl F_SETPIPE_SZ"] == ERR_DENY
+
+
 def test_the_rest_of_the_kernel_interface_still_works(probed):
-    assert probed["fcntl F_GETFD"] == 0
+    assert probed["fcntl F_GETFD"] == 0 and probed["fcntl F_GETPIPE_SZ"] == 0
+    assert probed["setsockopt SO_KEEPALIVE"] == 0
+    assert probed["setsockopt at another level"] != ERR_DENY  # (level 0 is IPPROTO_IP: not a unix socket's)
     assert probed["socket AF_UNIX"] == 0
     assert probed["prlimit on itself"] == 0
 
@@ -121,4 +141,5 @@ def test_the_filter_refuses_bad_errnos():
 
 def test_the_filter_lists_are_the_ones_tested():
     assert set(_seccomp.DENIED) | set(_seccomp.DENIED_X86_64) == set(MUST_DENY)
-    assert set(_seccomp.FCNTL_DENIED) == set(MUST_DENY_FCNTL)
+    assert set(_seccomp.FCNTL_DENIED) == set(MUST_DENY_FCNTL) and set(_seccomp.FCNTL_EPERM) == {"F_SETPIPE_SZ"}
+    assert _seccomp.SOCKOPT_DENIED == {"SO_SNDBUF": 7, "SO_RCVBUF": 8, "SO_SNDBUFFORCE": 32, "SO_RCVBUFFORCE": 33}
