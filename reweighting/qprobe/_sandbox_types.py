@@ -24,7 +24,7 @@ class SandboxLimits:
     wall_seconds: float = 10.0
     cpu_seconds: int = 5
     memory_bytes: int = 1 << 30
-    max_processes: int = 64
+    max_processes: int = 32
     max_output_bytes: int = 1 << 20
     max_open_files: int = 64
     max_disk_bytes: int = 16 << 20

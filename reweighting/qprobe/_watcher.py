@@ -13,8 +13,9 @@ of its socket to the harness, ``max_files``, ``memory_bytes``, and the poll inte
    writable file systems (tmpfs) and of the sandbox's own ``/proc``, then answers ``w``.
 3. Every interval it counts the inodes in use on those file systems (``fstatvfs``) and sums the
    resident memory of every process of the sandbox (``statm`` under its ``/proc``, opened relative
-   to that descriptor: procfs entries are the kernel's, no path the program could make). Past
-   ``max_files`` or ``memory_bytes`` it kills the sandbox.
+   to that descriptor: procfs entries are the kernel's, no path the program could make) and the
+   bytes queued in its TCP and UDP sockets. Past ``max_files`` or ``memory_bytes`` it kills the
+   sandbox.
 4. Once the harness has ended (or a limit was passed) it writes one JSON line to the evaluator:
    ``{"status", "detail", "peak_files", "peak_memory", "peak_fds", "polls"}`` (``status`` ``""`` when
    no limit was passed), and exits. Any error of its own is reported as ``"failed"``: a watcher that
@@ -53,12 +54,33 @@ def receive_fds(sock, most):
     return data, list(fds)
 
 
+NET_TABLES = ("1/net/tcp", "1/net/tcp6", "1/net/udp", "1/net/udp6")
+
+
+def socket_bytes(proc):
+    """Bytes queued in the TCP and UDP sockets of the sandbox's network namespace (each line of
+    ``/proc/net/{tcp,udp}{,6}`` has ``tx_queue:rx_queue`` in hex): kernel memory outside every
+    process's resident memory."""
+    total = 0
+    for table in NET_TABLES:
+        try:
+            fd = os.open(table, os.O_RDONLY, dir_fd=proc)
+        except FileNotFoundError:
+            continue  # that protocol is not built into this kernel
+        with open(fd, "rb") as f:
+            lines = f.read().splitlines()[1:]
+        for line in lines:
+            tx, rx = line.split()[4].split(b":")
+            total += int(tx, 16) + int(rx, 16)
+    return total
+
+
 def poll(mounts, proc, page, count_fds):
     files = 0
     for fd in mounts:
         info = os.fstatvfs(fd)
         files += info.f_files - info.f_ffree
-    memory, descriptors = 0, 0
+    memory, descriptors = socket_bytes(proc), 0
     for name in os.listdir(proc):
         if not name.isdigit():
             continue

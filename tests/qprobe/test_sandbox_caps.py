@@ -112,3 +112,16 @@ def test_decoded_output_takes_at_most_the_byte_cap():
     mixed = b"a" * (cap - 4) + "\u20ac".encode()  # one 2-byte-wide character makes every character 2 bytes
     text = _run.bounded_text(mixed, cap)
     assert len(text) * 2 <= cap and text == ("a" * (cap - 4) + "\u20ac")[: cap // 2]
+
+
+@needs_sandbox
+def test_bytes_queued_in_loopback_sockets_count_as_memory():
+    # Loopback TCP connections whose data is never read hold kernel memory (4 MB each) that is in no
+    # process's resident memory; the watcher adds the queues of the run's TCP and UDP sockets.
+    program = ("import socket, time\nl = socket.create_server(('127.0.0.1', 0), backlog=64)\nkeep = []\n"
+               "for i in range(25):\n    c = socket.create_connection(l.getsockname())\n    s, _ = l.accept()\n"
+               "    c.setblocking(False)\n    keep.append((c, s))\n    for _ in range(20):\n        try:\n"
+               "            while True:\n                c.send(b'x' * 65536)\n        except BlockingIOError:\n"
+               "            time.sleep(0.01)\ntime.sleep(2)\n")
+    result = run_program(program, SandboxLimits(wall_seconds=15.0, memory_bytes=64 << 20))
+    assert result.status == "memory_limit", result
