@@ -444,3 +444,18 @@ def test_processes_and_threads_are_capped_at_max_processes():
     result = run_program(program, limits)
     assert result.status == "completed", result
     assert int(result.stdout.split()[-1]) == limits.max_processes - 2, result.stdout
+
+
+def test_concurrent_runs_get_distinct_user_ids(monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("user ids are chosen only when the evaluator is root")
+    base = 300_000 + 16 * (os.getpid() % 4096)
+    monkeypatch.setattr(_uids, "UID_BASE", base)
+    monkeypatch.setattr(_uids, "UID_SLOTS", 3)
+    with _uids.lease() as a, _uids.lease() as b, _uids.lease() as c:
+        assert sorted((a, b, c)) == [base, base + 1, base + 2]
+        with pytest.raises(SandboxUnavailable, match="all 3 sandbox user ids"):
+            with _uids.lease():
+                pass
+    with _uids.lease() as again:  # released at the end of each block
+        assert base <= again < base + 3
