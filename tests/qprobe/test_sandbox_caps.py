@@ -125,3 +125,29 @@ def test_bytes_queued_in_loopback_sockets_count_as_memory():
                "            time.sleep(0.01)\ntime.sleep(2)\n")
     result = run_program(program, SandboxLimits(wall_seconds=15.0, memory_bytes=64 << 20))
     assert result.status == "memory_limit", result
+
+
+@needs_sandbox
+def test_the_watcher_itself_ends_a_run_past_a_limit(monkeypatch):
+    # The evaluator also ends the run when the watcher's report arrives; made deaf to it here (it
+    # reads the report only once the sandbox has ended), only the watcher's own kill can end the file
+    # bomb before the wall clock.
+    real_drain = _run._Streams.drain
+
+    def deaf(self, deadline):
+        self.targets.pop(self.control.fileno(), None)
+        return real_drain(self, deadline)
+
+    monkeypatch.setattr(_run._Streams, "drain", deaf)
+    result = run_program(FILE_BOMB, LIMITS)
+    assert result.status == "file_limit", result
+    assert result.seconds < LIMITS.wall_seconds / 2, result
+
+
+@needs_sandbox
+def test_the_program_starts_only_once_the_watcher_watches(monkeypatch):
+    # A watcher slow to start (1.5 s here) delays the program; it never leaves it unwatched.
+    monkeypatch.setattr(_run, "WATCHER", "import time\ntime.sleep(1.5)\n" + _run.WATCHER)
+    result = run_program(FILE_BOMB, LIMITS)
+    assert result.status == "file_limit", result
+    assert result.peaks["files"] <= LIMITS.max_files + FILES_OVER, result.peaks
