@@ -15,15 +15,22 @@ reads the run's random token from standard input only after ``C`` exists (so no 
 """
 
 import builtins
+import collections
 import json
 import os
 import resource
 import signal
 import struct
 import sys
+import time
 
-MAX_MESSAGE = 1 << 25  # bytes of one encoded call or result
-MAX_DEPTH = 200  # nesting of one encoded value
+# Bounds on one encoded call or result (both directions). The byte bound is a quarter of the run's
+# ``memory_bytes`` (set by ``set_limits``; the decoded value and its JSON form must fit beside it in
+# the address space), never below 32 MiB; the depth is Python's own default recursion limit, beyond
+# which the tests could not compare the value in one process either.
+MAX_MESSAGE = 1 << 25
+MAX_DEPTH = 1000
+MAX_ELEMENTS = 1 << 24  # values (containers and scalars) in one message
 TOKEN_BYTES = 64  # hex characters of the run's token
 
 
@@ -31,15 +38,31 @@ class ProtocolError(Exception):
     """The program's process sent something that is not a well-formed message."""
 
 
+class HarnessCpuLimit(BaseException):
+    """This process (the tests, and the decoding of the program's answers) passed ``cpu_seconds``."""
+
+
+def on_cpu_limit(signum, frame):
+    raise HarnessCpuLimit()
+
+
 class ProgramError(Exception):
     """The program raised an exception that is not a built-in ``Exception`` subclass, or ended."""
 
 
 # ---------------------------------------------------------------- plain-value encoding (both sides)
+# The standard library's containers and numbers beside the built-in types, each rebuilt as its own
+# type so that the tests compare what they would compare in one process (``OrderedDict`` equality is
+# order-sensitive, a ``defaultdict`` keeps its default, a ``Fraction`` is not a float).
+DICT_VIEWS = (type({}.keys()), type({}.values()), type({}.items()))
+FACTORIES = {cls.__name__: cls for cls in (list, dict, set, frozenset, tuple, int, float, complex, str, bytes,
+                                           bool)}
+
+
 def builtin_base(value):
-    """``value`` as an instance of the exact built-in type it subclasses (``namedtuple`` -> ``tuple``,
-    ``Counter``/``OrderedDict``/``defaultdict`` -> ``dict``, ``IntEnum`` -> ``int``, a ``str`` or
-    ``float`` subclass -> ``str``/``float``), read through the built-in type's own methods so that the
+    """``value`` as an instance of the exact type among those :func:`encode` knows that it derives from
+    (``namedtuple`` -> ``tuple``, a ``Counter`` subclass -> ``Counter``, ``IntEnum`` -> ``int``, a ``str``
+    or ``float`` subclass -> ``str``/``float``), read through that type's own methods so that the
     subclass's overrides (``__eq__``, ``__str__``, ...) are left behind; ``value`` itself when it is no
     such subclass. Only the program's process uses it: what crosses to the tests is plain data."""
     if isinstance(value, bool):
@@ -52,21 +75,37 @@ def builtin_base(value):
         return complex(complex.real.__get__(value), complex.imag.__get__(value))
     if isinstance(value, str):
         return str.__str__(value)
+    if isinstance(value, bytearray):
+        return bytearray(memoryview(value))
     if isinstance(value, bytes):
         return bytes(memoryview(value))
-    for base in (dict, list, tuple, frozenset, set):
+    if isinstance(value, collections.Counter):
+        return collections.Counter(dict(dict.items(value)))
+    if isinstance(value, collections.OrderedDict):
+        return collections.OrderedDict(list(collections.OrderedDict.items(value)))
+    if isinstance(value, collections.defaultdict):
+        out = collections.defaultdict(value.default_factory)
+        out.update(dict.items(value))
+        return out
+    fractions, decimal = sys.modules.get("fractions"), sys.modules.get("decimal")
+    if fractions is not None and isinstance(value, fractions.Fraction):
+        return fractions.Fraction(int(value.numerator), int(value.denominator))
+    if decimal is not None and isinstance(value, decimal.Decimal):
+        return decimal.Decimal(decimal.Decimal.__str__(value))
+    for base in (dict, list, tuple, frozenset, set, collections.deque):
         if isinstance(value, base):
-            return base(value)
+            return base(value) if base is not collections.deque else collections.deque(value, value.maxlen)
     return value
 
 
 def encode(value, depth=0, loose=False):
-    """A JSON-able tagged form of ``value``; exact built-in types only: subclasses are refused, or with
-    ``loose`` (the program's results) first turned into their built-in base by :func:`builtin_base`."""
+    """A JSON-able tagged form of ``value``; exact known types only (:data:`EXACT`): subclasses are
+    refused, or with ``loose`` (the program's results) first turned into their known base by
+    :func:`builtin_base`."""
     if depth > MAX_DEPTH:
-        raise ValueError("value nested too deeply")
+        raise ValueError(f"value nested more than {MAX_DEPTH} deep")
     t = type(value)
-    if loose and t not in EXACT:
+    if loose and t not in EXACT and not _numbers(t):
         value = builtin_base(value)
         t = type(value)
     if value is None:
@@ -83,15 +122,52 @@ def encode(value, depth=0, loose=False):
         return ["s", value]
     if t is bytes:
         return ["y", value.hex()]
-    if t in (list, tuple, set, frozenset):
-        tag = {list: "l", tuple: "t", set: "S", frozenset: "F"}[t]
-        return [tag, [encode(v, depth + 1, loose) for v in value]]
-    if t is dict:
-        return ["d", [[encode(k, depth + 1, loose), encode(v, depth + 1, loose)] for k, v in value.items()]]
+    if t is bytearray:
+        return ["Y", value.hex()]
+    number = _numbers(t)
+    if number == "Q":
+        return ["Q", hex(value.numerator), hex(value.denominator)]
+    if number == "D":
+        return ["D", str(value)]
+    if t is range:
+        return ["r", hex(value.start), hex(value.stop), hex(value.step)]
+    if t in SEQUENCES:
+        return [SEQUENCES[t], [encode(v, depth + 1, loose) for v in value]]
+    if t is collections.deque:
+        return ["q", None if value.maxlen is None else hex(value.maxlen), [encode(v, depth + 1, loose) for v in value]]
+    if t in MAPPINGS:
+        pairs = [[encode(k, depth + 1, loose), encode(v, depth + 1, loose)] for k, v in value.items()]
+        if t is collections.defaultdict:
+            factory = value.default_factory
+            # Only a built-in type can be rebuilt; any other factory (a lambda) travels as "?" and the
+            # tests' copy has no default (equality, which ignores the factory, is unchanged).
+            name = None if factory is None else (factory.__name__ if FACTORIES.get(
+                getattr(factory, "__name__", None)) is factory else "?")
+            return ["dd", name, pairs]
+        return [MAPPINGS[t], pairs]
+    if t is DICT_VIEWS[2]:
+        return ["vi", [[encode(k, depth + 1, loose), encode(v, depth + 1, loose)] for k, v in value]]
+    if t in DICT_VIEWS[:2]:
+        return ["vk" if t is DICT_VIEWS[0] else "vv", [encode(v, depth + 1, loose) for v in value]]
     raise TypeError(f"a value of type {t.__name__} cannot be passed between the tests and the program")
 
 
-EXACT = (type(None), bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict)
+SEQUENCES = {list: "l", tuple: "t", set: "S", frozenset: "F"}
+MAPPINGS = {dict: "d", collections.OrderedDict: "od", collections.Counter: "C", collections.defaultdict: "dd"}
+EXACT = (type(None), bool, int, float, complex, str, bytes, bytearray, range, list, tuple, set, frozenset, dict,
+         collections.OrderedDict, collections.Counter, collections.defaultdict, collections.deque) + DICT_VIEWS
+
+
+def _numbers(t):
+    """``"Q"`` for ``fractions.Fraction``, ``"D"`` for ``decimal.Decimal``, else ``None``. Those modules are
+    imported only where a value needs them (no value can be of a type whose module is not loaded), so
+    that the harness starts without them."""
+    fractions, decimal = sys.modules.get("fractions"), sys.modules.get("decimal")
+    if fractions is not None and t is fractions.Fraction:
+        return "Q"
+    if decimal is not None and t is decimal.Decimal:
+        return "D"
+    return None
 
 
 def _hex_int(text):
@@ -112,11 +188,53 @@ def _hex_float(text):
         raise ProtocolError("bad float") from None
 
 
-def decode(obj, depth=0):
+class Budget:
+    """What one message may cost to decode: at most :data:`MAX_ELEMENTS` values and ``seconds`` of this
+    process's CPU time, checked at every value, so that no input (such as a set of integers that all
+    hash alike, whose building is quadratic) holds the harness longer than one value's insertion."""
+
+    def __init__(self, seconds):
+        self.elements, self.deadline = 0, time.process_time() + seconds
+
+    def spend(self):
+        self.elements += 1
+        if self.elements > MAX_ELEMENTS:
+            raise ProtocolError(f"a value has more than {MAX_ELEMENTS} elements")
+        self.tick()
+
+    def tick(self):
+        if time.process_time() > self.deadline:
+            raise ProtocolError("decoding a value took more than the run's cpu_seconds")
+
+
+MAX_SHARED_HASH = 64  # members of one set (keys of one mapping) that may share a hash value
+
+
+def _hashed(add, items, budget, key=lambda item: item):
+    """Call ``add`` on each item (filling a set or a mapping), the budget checked at each. Members that
+    share a hash value make each insertion compare with all of them; more than :data:`MAX_SHARED_HASH`
+    are refused, which bounds the cost of building (and of copying) to that many probes per member."""
+    shared = {}
+    for item in items:
+        budget.tick()
+        try:
+            h = hash(key(item))
+        except TypeError:
+            raise ProtocolError("unhashable set member or dict key") from None
+        shared[h] = shared.get(h, 0) + 1
+        if shared[h] > MAX_SHARED_HASH:
+            raise ProtocolError(f"more than {MAX_SHARED_HASH} members of one set or keys of one dict share a "
+                                f"hash value")
+        add(item)
+
+
+def decode(obj, depth=0, budget=None):
     """The value encoded by :func:`encode`; anything else raises :class:`ProtocolError`. Every object it
-    returns is a fresh instance of an exact built-in type."""
+    returns is a fresh instance of an exact type of :data:`EXACT`."""
+    budget = budget if budget is not None else Budget(DECODE_SECONDS)
+    budget.spend()
     if depth > MAX_DEPTH:
-        raise ProtocolError("value nested too deeply")
+        raise ProtocolError(f"value nested more than {MAX_DEPTH} deep")
     if type(obj) is not list or not obj or type(obj[0]) is not str:
         raise ProtocolError("malformed value")
     tag, n = obj[0], len(obj)
@@ -132,29 +250,66 @@ def decode(obj, depth=0):
         return complex(_hex_float(obj[1]), _hex_float(obj[2]))
     if tag == "s" and n == 2 and type(obj[1]) is str:
         return str(obj[1])
-    if tag == "y" and n == 2 and type(obj[1]) is str:
+    if tag in ("y", "Y") and n == 2 and type(obj[1]) is str:
         try:
-            return bytes.fromhex(obj[1])
+            return (bytes if tag == "y" else bytearray).fromhex(obj[1])
         except ValueError:
             raise ProtocolError("bad bytes") from None
-    if tag in ("l", "t", "S", "F") and n == 2 and type(obj[1]) is list:
-        items = [decode(v, depth + 1) for v in obj[1]]
+    if tag == "Q" and n == 3:
+        import fractions
+
+        numerator, denominator = _hex_int(obj[1]), _hex_int(obj[2])
+        if denominator <= 0:
+            raise ProtocolError("bad fraction")
+        return fractions.Fraction(numerator, denominator)
+    if tag == "D" and n == 2 and type(obj[1]) is str and len(obj[1]) < 1 << 20:
+        import decimal
+
         try:
-            return {"l": list, "t": tuple, "S": set, "F": frozenset}[tag](items)
-        except TypeError:
-            raise ProtocolError("unhashable set member") from None
-    if tag == "d" and n == 2 and type(obj[1]) is list:
-        out = {}
-        for pair in obj[1]:
+            return decimal.Decimal(obj[1])
+        except decimal.InvalidOperation:
+            raise ProtocolError("bad decimal") from None
+    if tag == "r" and n == 4:
+        try:
+            return range(_hex_int(obj[1]), _hex_int(obj[2]), _hex_int(obj[3]))
+        except ValueError:
+            raise ProtocolError("bad range") from None
+    if tag in ("l", "t", "S", "F", "vk", "vv", "q") and n == (3 if tag == "q" else 2) and type(obj[-1]) is list:
+        items = [decode(v, depth + 1, budget) for v in obj[-1]]
+        if tag in ("l", "t", "vv"):
+            return tuple(items) if tag == "t" else (items if tag == "l" else dict(enumerate(items)).values())
+        if tag == "q":
+            return collections.deque(items, None if obj[1] is None else _hex_int(obj[1]))
+        if tag == "vk":
+            keys = {}
+            _hashed(lambda key: keys.__setitem__(key, None), items, budget)
+            return keys.keys()
+        out = set()
+        _hashed(out.add, items, budget)
+        return frozenset(out) if tag == "F" else out
+    if tag in ("d", "od", "C", "vi", "dd") and n == (3 if tag == "dd" else 2) and type(obj[-1]) is list:
+        if tag == "dd":
+            factory = obj[1]
+            if not (factory is None or factory == "?" or factory in FACTORIES):
+                raise ProtocolError("bad defaultdict factory")
+            out = collections.defaultdict(FACTORIES.get(factory))
+        else:
+            out = {"d": dict, "od": collections.OrderedDict, "C": collections.Counter, "vi": dict}[tag]()
+        pairs = []
+        for pair in obj[-1]:
             if type(pair) is not list or len(pair) != 2:
                 raise ProtocolError("malformed dict")
-            key = decode(pair[0], depth + 1)
-            try:
-                out[key] = decode(pair[1], depth + 1)
-            except TypeError:
-                raise ProtocolError("unhashable dict key") from None
-        return out
+            pairs.append((decode(pair[0], depth + 1, budget), decode(pair[1], depth + 1, budget)))
+
+        def put(pair):
+            out[pair[0]] = pair[1]
+
+        _hashed(put, pairs, budget, key=lambda pair: pair[0])
+        return out.items() if tag == "vi" else out
     raise ProtocolError("malformed value")
+
+
+DECODE_SECONDS = 5.0  # set from the run's cpu_seconds by set_limits
 
 
 # ---------------------------------------------------------------- framing
@@ -269,10 +424,18 @@ def child(spec, req_r, res_w):
     """``C``: runs the program; answers ``["call", name, args, kwargs]`` requests; never returns."""
     code = 1
     try:
+        signal.signal(signal.SIGXCPU, signal.SIG_DFL)  # the program's own CPU limit ends it
         devnull = os.open("/dev/null", os.O_RDONLY)
         os.dup2(devnull, 0)
         close_all_but({0, 1, 2, req_r, res_w})
-        namespace = {"__name__": spec["run_name"], "__builtins__": builtins}
+        # The program runs as a module of its own, registered under its name, so that pickling its
+        # functions by reference works (multiprocessing sends them to its workers that way).
+        import types
+
+        module = types.ModuleType(spec["run_name"])
+        module.__builtins__ = builtins
+        sys.modules[spec["run_name"]] = module
+        namespace = module.__dict__
         try:
             exec(compile(spec["source"], "<program>", "exec"), namespace)
         except BaseException as exc:  # SystemExit included: the program did not get to the tests
@@ -364,11 +527,10 @@ class Link:
         raise ProtocolError("unexpected reply")
 
 
-LIMITS = (resource.RLIMIT_CPU, resource.RLIMIT_AS, resource.RLIMIT_NPROC, resource.RLIMIT_FSIZE,
-          resource.RLIMIT_NOFILE, resource.RLIMIT_CORE)
-
-
 def set_limits(limits):
+    """The run's resource limits on this process (inherited by the program's), and the message bounds
+    that derive from them."""
+    global MAX_MESSAGE, DECODE_SECONDS
     cpu = int(limits["cpu_seconds"])
     # The hard CPU limit is one second above the soft one, so the soft limit ends a process with SIGXCPU.
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -376,6 +538,8 @@ def set_limits(limits):
                        (resource.RLIMIT_FSIZE, "max_disk_bytes"), (resource.RLIMIT_NOFILE, "max_open_files")):
         resource.setrlimit(which, (int(limits[key]), int(limits[key])))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    MAX_MESSAGE = max(1 << 25, int(limits["memory_bytes"]) // 4)
+    DECODE_SECONDS = float(cpu)
 
 
 def make_undumpable():
@@ -389,66 +553,23 @@ def make_undumpable():
         raise OSError("the harness is still dumpable")
 
 
-def watch(limits, paths, state):
-    """Every 10 ms, end every other process of the sandbox (``kill(-1)`` from pid 1) once
+def hand_over(sock_fd, paths):
+    """Give the evaluator's limit watcher, outside the sandbox, what it polls: a descriptor of each of
+    the run's writable file systems (``paths``) and of this sandbox's ``/proc``, and wait until it
+    says it is watching. Done before the program's process exists, so the descriptors are the real
+    mounts. Any failure ends the run before the program starts."""
+    import _socket  # not ``socket``, whose imports would delay every run
 
-    - more than ``max_files`` inodes (files, directories, links) exist on the tmpfs ``paths``: their
-      size is capped by the mount, their number is not;
-    - the resident memory of all the sandbox's processes together passes ``memory_bytes``: the
-      address-space limit is per process, so without this a fork bomb of big processes could use
-      ``max_processes`` times as much. Pages shared after a fork count once per process.
-
-    Only inside a pid namespace, where ``/proc`` lists the sandbox's processes alone. The program
-    may overshoot by what it makes in 10 ms."""
-    import threading
-    import time
-
-    max_files, max_memory = int(limits["max_files"]), int(limits["memory_bytes"])
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    own_limits = {which: resource.getrlimit(which) for which in LIMITS}
-
-    def used_inodes():
-        used = 0
-        for path in paths:
-            info = os.statvfs(path)  # an error here fails the run (below): never an unchecked limit
-            used += info.f_files - info.f_ffree
-        return used
-
-    def resident_bytes():
-        total = 0
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    with open("/proc/" + name + "/statm", "rb") as f:
-                        total += int(f.read().split()[1]) * page
-                except (FileNotFoundError, ProcessLookupError):
-                    pass  # the process has just ended; any other error fails the run
-        return total
-
-    def run():
-        try:
-            while True:
-                if any(resource.getrlimit(which) != value for which, value in own_limits.items()):
-                    state["limit"] = ("failed", "the harness's own limits were changed")
-                elif used_inodes() > max_files:
-                    state["limit"] = ("file_limit", f"more than {max_files} files or directories")
-                elif resident_bytes() > max_memory:
-                    state["limit"] = ("memory_limit", f"the sandbox's processes used more than {max_memory} bytes")
-                if state["limit"]:
-                    break
-                time.sleep(0.01)
-        except BaseException as exc:
-            # Fail closed: a watcher that cannot look any more must not leave the limits unenforced.
-            state["limit"] = ("failed", "the limit watcher failed: {}: {}".format(*describe(exc)))
-        try:
-            os.kill(-1, signal.SIGKILL)  # from pid 1: every process of the namespace but this one
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+    fds = [os.open(path, os.O_RDONLY | os.O_DIRECTORY) for path in list(paths) + ["/proc"]]
+    sock = _socket.socket(fileno=sock_fd)
+    try:
+        sock.sendmsg([b"w"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+        if sock.recv(1) != b"w":
+            raise ProtocolError("the limit watcher did not start")
+    finally:
+        sock.close()
+    for fd in fds:
+        os.close(fd)
 
 
 def status_of(pid):
@@ -465,7 +586,6 @@ def status_of(pid):
 
 def ended_status(pid):
     """``C`` has closed its pipe: wait for it and name how it ended."""
-    import time
 
     code = None
     for _ in range(200):
@@ -479,7 +599,9 @@ def ended_status(pid):
 
 
 def main():
-    verdict_fd, spec_fd = int(sys.argv[1]), int(sys.argv[2])
+    verdict_fd, spec_fd, watch_fd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    # Values nested MAX_DEPTH deep take about three JSON levels each, and the tests compare them.
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 4 * MAX_DEPTH + 1000))
     # Imports after the fork (those of the tests) must come from the read-only installation only, never
     # from the working directory or /tmp, where the program can write (``-I`` already leaves them out).
     sys.path[:] = [p for p in sys.path if os.path.isabs(p) and not p.startswith(("/sandbox", "/tmp"))]
@@ -487,17 +609,17 @@ def main():
     # inside: the program's process cannot interrupt or kill this one.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     make_undumpable()
-    close_all_but({0, 1, 2, verdict_fd, spec_fd})
+    close_all_but({0, 1, 2, verdict_fd, spec_fd, watch_fd})
     # The specification comes in two frames: what the program's process needs, read before the fork,
     # and the tests, read after it, so that no copy of them is in the program's memory.
     spec = read_frame(spec_fd)
     set_limits(spec["limits"])
     verdict = {"status": "failed", "detail": "", "returncode": None}
-    state = {"limit": None}
-    watcher = None
-    if spec.get("watch_paths"):
-        # Started before the fork, so that a fork bomb cannot use up RLIMIT_NPROC first.
-        watcher = watch(spec["limits"], spec["watch_paths"], state)
+    if watch_fd >= 0:
+        hand_over(watch_fd, spec["watch_paths"])
+    # Past its soft CPU limit this process gets SIGXCPU (pid 1 of a namespace only with a handler):
+    # the tests stop there, and the verdict says so; the hard limit, one second on, kills it.
+    signal.signal(signal.SIGXCPU, on_cpu_limit)
     req_r, req_w = os.pipe()
     res_r, res_w = os.pipe()
     pid = os.fork()
@@ -540,6 +662,10 @@ def main():
             namespace[trusted["entry_point"]] = remote
             check(remote)
             verdict["status"] = "passed"
+    except HarnessCpuLimit:
+        verdict["status"] = "cpu_limit"
+        verdict["detail"] = ("the tests' process (the tests, and the decoding of the program's answers) used "
+                             "more than cpu_seconds")
     except ProgramError as exc:
         verdict["detail"] = str(exc)
         if str(exc) == "the program's process ended":
@@ -548,10 +674,13 @@ def main():
         verdict["detail"] = "{}: {}".format(*tuple(describe(exc)))
     if verdict["returncode"] is None:
         verdict["returncode"] = status_of(pid)
-    if watcher is not None and not watcher.is_alive() and not state["limit"]:
-        state["limit"] = ("failed", "the limit watcher stopped")
-    if state["limit"]:
-        verdict["status"], verdict["detail"] = state["limit"]
+    # The kernel raises a process's soft CPU limit each time it passes it (SIGXCPU, which pid 1 of a
+    # namespace does not receive): then this process, the tests and the decoding of the program's
+    # answers, used more than cpu_seconds, and the run has passed its CPU limit.
+    if resource.getrlimit(resource.RLIMIT_CPU)[0] != int(spec["limits"]["cpu_seconds"]):
+        verdict["status"] = "cpu_limit"
+        verdict["detail"] = ("the tests' process (the tests, and the decoding of the program's answers) used "
+                             "more than cpu_seconds")
     try:
         os.kill(pid, signal.SIGKILL)
     except OSError:

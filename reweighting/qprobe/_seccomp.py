@@ -10,10 +10,20 @@ It narrows the kernel interface of every process in the sandbox (the harness inc
   (not confined by network namespaces) and ``AF_NETLINK``, fails with ``EAFNOSUPPORT``;
 - ``prlimit64`` only on the calling process itself (pid argument 0): no process may change another
   one's limits, such as the harness's;
+- ``fcntl`` refuses the commands in :data:`FCNTL_DENIED` with ``ENOLCK``: POSIX and open-file-
+  description byte-range locks, leases and directory notification (``F_NOTIFY``). Locks on the
+  read-only files every run shares (``/usr``) are a channel between concurrent runs (one run takes
+  the lock, another sees it taken) and kernel memory that no limit counts; growing a pipe's buffer
+  (:data:`FCNTL_EPERM`: ``F_SETPIPE_SZ``) fails with ``EPERM``;
+- ``setsockopt`` refuses :data:`SOCKOPT_DENIED` (``SO_SNDBUF``, ``SO_RCVBUF`` and their ``FORCE``
+  forms) with ``EPERM``: a socket's buffers stay at the kernel's defaults, which bounds the kernel
+  memory one descriptor can hold (``docs/code-reward.md``);
 - :data:`DENIED` fails with ``EPERM``: System V IPC (memory outside every limit), ``memfd_create``
   (memory outside the resident-memory poll), io_uring, userfaultfd, the key rings,
   ``perf_event_open``, ``bpf``, ``ptrace`` and ``process_vm_*``, namespaces and mounts, module and
-  kexec loading, file handles and ``pidfd_getfd``.
+  kexec loading, file handles and ``pidfd_getfd``; ``flock`` (a channel between runs, as above);
+  inotify and fanotify (they would show what other runs and the host open and run in the shared
+  ``/usr``, and inotify instances are a per-user budget).
 
 Only x86_64 and aarch64 are known; :func:`seccomp_filter` raises ``ValueError`` on any other
 machine, so that the sandbox refuses to start rather than run without the filter.
@@ -24,15 +34,15 @@ from __future__ import annotations
 import platform
 import struct
 
-__all__ = ["DENIED", "seccomp_filter", "SYSCALLS"]
+__all__ = ["DENIED", "DENIED_X86_64", "FCNTL_DENIED", "FCNTL_EPERM", "SOCKOPT_DENIED", "seccomp_filter", "SYSCALLS"]
 
 # struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6] (little-endian
 # on both architectures, so an argument's low 32 bits are at its own offset).
-_NR, _ARCH, _ARG0 = 0, 4, 16
+_NR, _ARCH, _ARG0, _ARG1, _ARG2 = 0, 4, 16, 24, 32
 # Classic BPF opcodes: BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_JMP|BPF_JGE|BPF_K, BPF_RET|BPF_K.
 _LD, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06
 _ALLOW, _ERRNO, _KILL_PROCESS = 0x7FFF0000, 0x00050000, 0x80000000
-_EPERM, _EAFNOSUPPORT = 1, 97
+_EPERM, _ENOLCK, _EAFNOSUPPORT = 1, 37, 97
 _X32_BIT = 0x40000000
 _ALLOWED_FAMILIES = (1, 2, 10)  # AF_UNIX, AF_INET, AF_INET6
 
@@ -43,8 +53,18 @@ DENIED = (
     "process_vm_readv", "process_vm_writev", "pidfd_getfd", "unshare", "setns", "mount", "umount2",
     "pivot_root", "chroot", "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick",
     "mount_setattr", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
-    "name_to_handle_at", "open_by_handle_at",
+    "name_to_handle_at", "open_by_handle_at", "flock", "inotify_init1", "inotify_add_watch", "fanotify_init",
+    "fanotify_mark",
 )
+# x86_64 only (aarch64 has only inotify_init1).
+DENIED_X86_64 = ("inotify_init",)
+# fcntl commands (include/uapi/asm-generic/fcntl.h, linux/fcntl.h; the same on both architectures).
+FCNTL_DENIED = {"F_GETLK": 5, "F_SETLK": 6, "F_SETLKW": 7, "F_OFD_GETLK": 36, "F_OFD_SETLK": 37,
+                "F_OFD_SETLKW": 38, "F_SETLEASE": 1024, "F_GETLEASE": 1025, "F_NOTIFY": 1026}
+FCNTL_EPERM = {"F_SETPIPE_SZ": 1031}  # refused with EPERM: a pipe's buffer stays at the default
+# setsockopt(SOL_SOCKET, ...) options that would grow a socket's kernel buffers past the defaults.
+SOL_SOCKET = 1
+SOCKOPT_DENIED = {"SO_SNDBUF": 7, "SO_RCVBUF": 8, "SO_SNDBUFFORCE": 32, "SO_RCVBUFFORCE": 33}
 
 # System call numbers (x86_64: asm/unistd_64.h; aarch64: asm-generic/unistd.h), and the AUDIT_ARCH
 # value the kernel reports for each ABI.
@@ -59,7 +79,8 @@ SYSCALLS: dict[str, dict[str, int]] = {
         "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
         "mount_setattr": 442, "kexec_load": 246, "kexec_file_load": 320, "init_module": 175,
         "finit_module": 313, "delete_module": 176, "memfd_create": 319, "memfd_secret": 447,
-        "pidfd_getfd": 438, "name_to_handle_at": 303, "open_by_handle_at": 304,
+        "pidfd_getfd": 438, "name_to_handle_at": 303, "open_by_handle_at": 304, "flock": 73, "fcntl": 72,
+        "setsockopt": 54, "inotify_init1": 294, "inotify_add_watch": 254, "fanotify_init": 300, "fanotify_mark": 301,
     },
     "aarch64": {
         "socket": 198, "socketpair": 199, "prlimit64": 261, "shmget": 194, "shmat": 196, "shmctl": 195,
@@ -72,9 +93,11 @@ SYSCALLS: dict[str, dict[str, int]] = {
         "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442, "kexec_load": 104,
         "kexec_file_load": 294, "init_module": 105, "finit_module": 273, "delete_module": 106,
         "memfd_create": 279, "memfd_secret": 447, "pidfd_getfd": 438, "name_to_handle_at": 264,
-        "open_by_handle_at": 265,
+        "open_by_handle_at": 265, "flock": 32, "fcntl": 25, "setsockopt": 208, "inotify_init1": 26,
+        "inotify_add_watch": 27, "fanotify_init": 262, "fanotify_mark": 263,
     },
 }
+EXTRA_SYSCALLS = {"x86_64": {"inotify_init": 253}, "aarch64": {}}
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _MACHINE_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
 
@@ -89,8 +112,13 @@ def machine_arch(machine: str | None = None) -> str:
     return arch
 
 
-def seccomp_filter(machine: str | None = None) -> bytes:
-    """The filter as ``struct sock_filter`` records (what ``bwrap --seccomp`` reads) for ``machine``."""
+def seccomp_filter(machine: str | None = None, *, deny_errno: int = _EPERM, lock_errno: int = _ENOLCK) -> bytes:
+    """The filter as ``struct sock_filter`` records (what ``bwrap --seccomp`` reads) for ``machine``.
+    ``deny_errno`` and ``lock_errno``: the error of a refused call and of a refused ``fcntl`` command
+    (tests pass errors no kernel path returns, to tell the filter's refusals from the kernel's)."""
+    for value in (deny_errno, lock_errno):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 4096:
+            raise ValueError(f"an errno must be an int from 1 to 4095, got {value!r}")
     arch = machine_arch(machine)
     numbers = SYSCALLS[arch]
     # Instructions as (code, jump-true label, jump-false label, k); a label is an index into ``labels``,
@@ -102,22 +130,39 @@ def seccomp_filter(machine: str | None = None) -> bytes:
     ]
     if arch == "x86_64":
         program.append((_JGE, "eperm", None, _X32_BIT))
-    for name in DENIED:
-        program.append((_JEQ, "eperm", None, numbers[name]))
+    extra = EXTRA_SYSCALLS[arch]
+    for number in [numbers[name] for name in DENIED] + [extra[name] for name in DENIED_X86_64 if name in extra]:
+        program.append((_JEQ, "eperm", None, number))
     program += [
         (_JEQ, "socket", None, numbers["socket"]),
         (_JEQ, "socket", None, numbers["socketpair"]),
         (_JEQ, "prlimit", None, numbers["prlimit64"]),
+        (_JEQ, "fcntl", None, numbers["fcntl"]),
+        (_JEQ, "setsockopt", None, numbers["setsockopt"]),
         (_RET, None, None, _ALLOW),
     ]
-    labels = {"socket": len(program)}
+    # fcntl's command is an unsigned int: the kernel reads the low 32 bits of the argument, as here.
+    labels = {"fcntl": len(program)}
+    program.append((_LD, None, None, _ARG1))
+    for command in FCNTL_DENIED.values():
+        program.append((_JEQ, "enolck", None, command))
+    for command in FCNTL_EPERM.values():
+        program.append((_JEQ, "eperm", None, command))
+    program.append((_RET, None, None, _ALLOW))
+    labels["setsockopt"] = len(program)
+    program += [(_LD, None, None, _ARG1), (_JEQ, None, "allow", SOL_SOCKET), (_LD, None, None, _ARG2)]
+    for option in SOCKOPT_DENIED.values():
+        program.append((_JEQ, "eperm", None, option))
+    program.append((_RET, None, None, _ALLOW))
+    labels["socket"] = len(program)
     program.append((_LD, None, None, _ARG0))
     for family in _ALLOWED_FAMILIES:
         program.append((_JEQ, "allow", None, family))
     program.append((_RET, None, None, _ERRNO | _EAFNOSUPPORT))
     labels["prlimit"] = len(program)
-    program += [(_LD, None, None, _ARG0), (_JEQ, "allow", None, 0), (_RET, None, None, _ERRNO | _EPERM)]
-    for name, action in (("allow", _ALLOW), ("eperm", _ERRNO | _EPERM), ("kill", _KILL_PROCESS)):
+    program += [(_LD, None, None, _ARG0), (_JEQ, "allow", None, 0), (_RET, None, None, _ERRNO | deny_errno)]
+    for name, action in (("allow", _ALLOW), ("eperm", _ERRNO | deny_errno), ("enolck", _ERRNO | lock_errno),
+                         ("kill", _KILL_PROCESS)):
         labels[name] = len(program)
         program.append((_RET, None, None, action))
     out = []
