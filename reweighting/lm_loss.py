@@ -4,7 +4,7 @@ A causal LM's loss needs, for every token, ``CE_t = logsumexp_v(z_tv) - z_t,y_t`
 ``z_t = W h_t (+ b)``. Materialising ``z`` costs ``B * T * V`` floats (two to four times over, with
 the softmax and its gradient), which dominates memory at large vocabularies. Fused and chunked
 cross-entropy kernels avoid it but return only the batch mean; loss-based reweighting needs the
-per-sample losses ``l_i`` (METHODS.md, "per-sequence loss"), so this module returns them:
+per-sample losses ``l_i`` (docs/core.md, per-sample losses), so this module returns them:
 
 - :func:`per_token_lm_loss`: ``CE_t`` for every token, shape of ``targets``;
 - :func:`per_sequence_lm_loss`: ``l_i = sum_t m_it CE_it / sum_t m_it`` (``[B]``), the core's

@@ -1,4 +1,4 @@
-"""Loss-based dynamic sample reweighting (Sow et al., ICLR 2025): METHODS.md section 1.
+"""Loss-based dynamic sample reweighting (Sow et al., ICLR 2025): docs/methods/loss-based.md.
 
 Per optimizer step, over the **global** batch (every data-parallel rank's samples):
 
@@ -44,7 +44,7 @@ NONFINITE_POLICIES = ("raise", "zero")
 
 
 def strategy_scores(h: torch.Tensor, strategy: str, delta: float = 1.0) -> torch.Tensor:
-    """The score ``f(h)`` of METHODS.md section 1, step 2, for normalised losses ``h in [-delta, delta]``."""
+    """The score ``f(h)`` of docs/methods/loss-based.md, step 2, for normalised losses ``h in [-delta, delta]``."""
     if strategy == "linupper":
         return torch.clamp(h + delta, max=delta)
     if strategy == "quadratic":

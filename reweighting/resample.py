@@ -1,7 +1,7 @@
 """Resampling within a batch and Dirichlet weight draws, all driven by a ``torch.Generator``.
 
 Three ways to turn weights ``w`` (any non-negative values; they are normalised to ``mu = w / sum w``)
-into a training signal (METHODS.md section 3, the DWS family):
+into a training signal (docs/methods/noisy-labels.md, the DWS family):
 
 - reweighting: ``sum_i mu_i l_i`` (see :func:`reweighting.weighted_loss`);
 - resampling: draw indices ``idx ~ Categorical(mu)`` and take ``mean_k l_{idx_k}``;

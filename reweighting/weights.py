@@ -114,7 +114,7 @@ def minmax_normalize(
 ) -> torch.Tensor:
     """``h_i = delta * (2 x_i - x_max - x_min) / max(x_max - x_min, eps)``, so ``h in [-delta, delta]``.
 
-    The paper's normalisation (METHODS.md section 1, step 1). One outlier sets the whole range,
+    The paper's normalisation (docs/methods/loss-based.md, step 1). One outlier sets the whole range,
     squashing every other sample towards one end: see :func:`quantile_normalize` and
     :func:`rank_normalize` for robust alternatives. Excluded samples get 0.
     """
@@ -129,7 +129,7 @@ def minmax_normalize(
 def zscore(x: torch.Tensor, *, eps: float = 1e-8, mask: torch.Tensor | None = None, group=None) -> torch.Tensor:
     """``s_i = (x_i - mean(x)) / sqrt(var(x) + eps)`` with the population variance over the global batch.
 
-    PRESENCE's standardisation of self-influence (METHODS.md section 2). Excluded samples get 0.
+    PRESENCE's standardisation of self-influence (docs/methods/presence.md). Excluded samples get 0.
     ``eps`` keeps a constant input (all deviations 0) at finite zeros rather than ``0 / 0``.
     """
     check_positive_number(eps, "eps")

@@ -1,4 +1,4 @@
-"""Training the time-dependent discriminator ``d(x_t, t)`` behind TIW-DSM's ratio (METHODS.md section 5).
+"""Training the time-dependent discriminator ``d(x_t, t)`` behind TIW-DSM's ratio (docs/methods/tiw-dsm.md).
 
 Reference samples (from ``p_data``) are class 1 and biased samples class 0. Both are noised with
 the score model's schedule and time sampler, and the two classes get equal weight in the

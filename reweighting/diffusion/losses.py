@@ -1,4 +1,4 @@
-"""Denoising score matching on biased data: DSM, IW-DSM and TIW-DSM (METHODS.md section 5).
+"""Denoising score matching on biased data: DSM, IW-DSM and TIW-DSM (docs/methods/tiw-dsm.md).
 
 All three noise ``x_0`` from the training stream as ``x_t = alpha(t) x_0 + sigma(t) eps`` and
 regress the model's prediction on a target; they differ in a per-sample weight and a shift of

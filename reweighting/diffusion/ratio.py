@@ -1,6 +1,6 @@
 """The time-dependent density ratio ``w_t(x_t) = p_data^t(x_t) / p_bias^t(x_t)`` from a discriminator.
 
-METHODS.md section 5.
+docs/methods/tiw-dsm.md.
 
 A discriminator ``d(x_t, t) = sigmoid(logit)`` trained with balanced classes (reference = 1,
 biased = 0) on samples noised by the same schedule gives ``w_t = d / (1 - d) = exp(logit)``.

@@ -1,4 +1,4 @@
-"""Noise schedules of the forward diffusion ``x_t = alpha(t) x_0 + sigma(t) eps`` (METHODS.md section 5).
+"""Noise schedules of the forward diffusion ``x_t = alpha(t) x_0 + sigma(t) eps`` (docs/methods/tiw-dsm.md).
 
 Each schedule gives ``alpha(t)``, ``sigma(t)``, the distribution of ``t`` used in training
 (:meth:`NoiseSchedule.sample_time`) and a decreasing grid of times for sampling

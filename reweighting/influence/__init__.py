@@ -1,5 +1,5 @@
 """Self-influence: exact per-sample gradient norms (ghost norms per layer type, a ``torch.func``
-reference) and PRESENCE reweighting (METHODS.md section 2)."""
+reference) and PRESENCE reweighting (docs/methods/presence.md)."""
 
 from .engine import SelfInfluence, microbatch_sizes
 from .offline import drop_highest, load_scores, score_dataset

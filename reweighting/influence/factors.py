@@ -2,7 +2,7 @@
 
 A layer's per-sample gradient is a sum over the sample's positions ``t`` (tokens, pixels) of a
 simple per-position term built from the stored input activation and output gradient. Three forms
-cover every supported layer (METHODS.md section 2):
+cover every supported layer (docs/methods/presence.md):
 
 - :class:`OuterFactor`: ``g_u = sum_t G_ut^T X_ut`` (weights of Linear and Conv, per group ``h``);
 - :class:`SumFactor`: ``g_u = sum_t V_ut`` (biases, LayerNorm's ``sum_t G_ut * xhat_ut``);

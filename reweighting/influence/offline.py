@@ -1,6 +1,6 @@
 """Offline self-influence: score a data set with a trained model, and PRESENCE-Sequential filtering.
 
-METHODS.md section 2, offline variant: score every sample of a pool with a trained model's
+docs/methods/presence.md, offline variant: score every sample of a pool with a trained model's
 current weights, drop the highest-self-influence share, and train a fresh model on the rest.
 """
 

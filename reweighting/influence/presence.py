@@ -1,6 +1,6 @@
 """PRESENCE (Thakkar et al., EMNLP 2023): weights from z-scored self-influence, in two stages.
 
-METHODS.md section 2: per batch, ``s = (SI - mean SI) / sqrt(var SI + eps)`` and
+docs/methods/presence.md: per batch, ``s = (SI - mean SI) / sqrt(var SI + eps)`` and
 ``w = softmax(tau * s)``; the update is ``sum_i w_i grad l_i``. The first ``switch_step`` steps
 use ``tau_first = +1`` (favour high self-influence: novel samples), the rest ``tau_second = -1``
 (suppress it: likely noise). In the pre-training variant the batch is cut into ``n``

@@ -1,7 +1,7 @@
 """Learning from noisy labels with a transition matrix: RENT, DWS, reweighting, forward correction.
 
 Layout everywhere: ``T[noisy, clean] = P(noisy label | clean label)``, columns sum to 1
-(METHODS.md section 3, Bae et al., ICLR 2024).
+(docs/methods/noisy-labels.md, Bae et al., ICLR 2024).
 """
 
 from .learned import LearnedTransition

@@ -11,7 +11,7 @@ __all__ = ["LearnedTransition"]
 
 
 class LearnedTransition(nn.Module):
-    """``T = colnorm(I + sigmoid(W) * (1 - I))`` in the ``T[noisy, clean]`` layout (METHODS.md section 3).
+    """``T = colnorm(I + sigmoid(W) * (1 - I))`` in the ``T[noisy, clean]`` layout (docs/methods/noisy-labels.md).
 
     Every column is normalised to sum to 1 (VolMinNet normalises rows of its ``[clean, noisy]``
     matrix, which is the transpose of ours). ``W`` starts at ``-init`` everywhere, so ``T`` starts

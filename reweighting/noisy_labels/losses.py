@@ -1,4 +1,4 @@
-"""Losses for learning from noisy labels with a transition matrix ``T[noisy, clean]`` (METHODS.md section 3).
+"""Losses for learning from noisy labels with a transition matrix ``T[noisy, clean]`` (docs/methods/noisy-labels.md).
 
 All take the classifier's ``logits`` (its clean-label posterior is ``f = softmax(logits)``), the
 observed noisy ``labels`` and ``T``, and return a scalar to call ``backward`` on:

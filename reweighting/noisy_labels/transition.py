@@ -1,6 +1,6 @@
 """Label-noise transition matrices: the layout, its validation, known matrices and estimators.
 
-One layout everywhere (METHODS.md section 3): ``T[noisy, clean] = P(noisy label | clean label)``.
+One layout everywhere (docs/methods/noisy-labels.md): ``T[noisy, clean] = P(noisy label | clean label)``.
 Rows are indexed by the observed (noisy) label, columns by the clean label, so every **column**
 sums to 1, and the noisy posterior is ``p(noisy | x) = T @ f(x)`` for the clean posterior ``f(x)``.
 cleanlab's ``noise_matrix`` (``P(label = i | true_label = j)`` at ``[i, j]``) is in this layout too.

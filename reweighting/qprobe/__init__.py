@@ -1,4 +1,4 @@
-"""Q-probe (Li et al., 2024; METHODS.md section 4): reweighting sampled completions of a language model.
+"""Q-probe (Li et al., 2024; docs/methods/qprobe.md): reweighting sampled completions of a language model.
 
 Draw k completions per prompt, embed each, score it with a linear probe ``Q = theta . phi + b`` and
 pick one by sampling from ``softmax(Q / beta)``. Probes are trained with ``L_Q``, ``L_CE``, ``L_PG``

@@ -1,4 +1,4 @@
-"""Evaluating a Q-probe without sampling noise (METHODS.md section 4).
+"""Evaluating a Q-probe without sampling noise (docs/methods/qprobe.md).
 
 For each test prompt with ``n`` samples, the samples are split into ``n // k`` disjoint chunks of
 ``k`` (a remainder of ``n mod k`` samples is left out) and the policy's exact expected reward on

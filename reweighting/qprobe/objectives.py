@@ -1,4 +1,4 @@
-"""Training objectives of the Q-probe (METHODS.md section 4).
+"""Training objectives of the Q-probe (docs/methods/qprobe.md).
 
 - ``L_Q  = mean (Q - r)^2``                                   (:func:`mse_loss`)
 - ``L_CE = BCE(sigmoid(Q), r)`` for ``r in [0, 1]``           (:func:`bce_loss`)

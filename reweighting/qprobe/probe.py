@@ -1,6 +1,6 @@
 """The Q-probe: a linear (or small MLP) head on embeddings, ``Q(x, a) = theta . phi(x, a) + b``.
 
-METHODS.md section 4. ``phi(x, a)`` is an embedding of a prompt and one completion (a hidden state
+docs/methods/qprobe.md. ``phi(x, a)`` is an embedding of a prompt and one completion (a hidden state
 of the base model at the last completion token, or an API embedding). Inputs are standardised
 with a per-feature mean and scale kept as buffers, so a probe saved to disk carries everything it
 needs to score new features.

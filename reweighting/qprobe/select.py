@@ -1,6 +1,6 @@
 """Choosing one of k sampled completions with a Q-probe: sample from ``softmax(Q / beta)``.
 
-METHODS.md section 4. The selection is per prompt: each prompt's k candidates get their own
+docs/methods/qprobe.md. The selection is per prompt: each prompt's k candidates get their own
 softmax. (The core's :func:`reweighting.tilt` normalises over the whole, possibly distributed,
 batch, which is the wrong support here, so the softmax is taken locally along the last dimension.)
 As k grows, the chosen completion's distribution tends to ``p0(a|x) exp(Q/beta) / Z``, the

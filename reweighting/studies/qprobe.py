@@ -1,4 +1,4 @@
-"""Q-probe on a tiny GPT that does two-digit addition (METHODS.md section 4).
+"""Q-probe on a tiny GPT that does two-digit addition (docs/methods/qprobe.md).
 
 A small GPT is trained here on ``"37+48=85;Y"``: right answers followed by the verdict ``Y``, and
 wrong answers (never learned as answers) followed by ``N``. A large pretrained LM knows a good deal

@@ -1,4 +1,4 @@
-"""Q-probe on a real LM: SmolLM2-135M-Instruct doing one-digit arithmetic asked in words (METHODS.md section 4).
+"""Q-probe on a real LM: SmolLM2-135M-Instruct doing one-digit arithmetic asked in words (docs/methods/qprobe.md).
 
 The 200 questions "What is seven plus five?" / "What is seven times five?" (every one-digit pair,
 both operations) are split by a hash of their text into disjoint training and test prompts. Each
