@@ -135,3 +135,16 @@ def test_bad_input_raises_naming_it():
         ShardedWeightedSampler(sizes, totals, load, num_replicas=3, rank=0, num_samples=20).load_state_dict(state)
     with pytest.raises(ValueError, match="fingerprints differ"):
         ShardedWeightedSampler(sizes[:-1] + [10], totals, load, num_replicas=2, rank=0).load_state_dict(state)
+
+
+def test_a_state_saved_between_epochs_loads_on_another_world_size():
+    sizes, totals, load, _, _ = corpus()
+    s = ShardedWeightedSampler(sizes, totals, load, num_replicas=2, rank=0, num_samples=20, chunk_size=4, seed=5)
+    s.set_epoch(3)
+    state = s.state_dict()
+    other = ShardedWeightedSampler(sizes, totals, load, num_replicas=3, rank=1, num_samples=20, seed=0)
+    other.load_state_dict(state)
+    assert (other.epoch, other.seed, other.position, other.chunk_size) == (3, 5, 0, 4)
+    fresh = ShardedWeightedSampler(sizes, totals, load, num_replicas=3, rank=1, num_samples=20, chunk_size=4, seed=5)
+    fresh.set_epoch(3)
+    assert list(other) == list(fresh)
