@@ -27,7 +27,16 @@ LlamaRMSNorm, rotary attention) on a padded batch: the full model's norms are fi
 against a per-sample loop, then timed against a plain forward+backward, with the PRESENCE step
 against a plain step and Opacus's ghost clipping where it runs.
 
-Run: ``python -m benchmarks.self_influence [--repeats 10] [--threads 1] [--smollm2]``.
+``--targets`` runs instead the models each layer rule must keep near one backward: an
+``nn.TransformerEncoder`` (width 128, 2 layers, feed-forward 512, batch 32 x 64 tokens), a
+two-layer CNN on 32x32 images (batch 64), the MLP, Hugging Face Llama-shaped models (width 64, tied
+and untied), GPT-2 (``Conv1D`` layers) and an MLP with LayerScale vectors. Each model's norms are
+first checked against per-sample gradients, then ``SelfInfluence`` is timed against a plain
+forward+backward, the PRESENCE step against a plain step, and the peak memory of the norms and
+update against the plain forward+backward's (targets: 1.3x each). ``--profile`` prints the
+operations that take the time of the norms on each model.
+
+Run: ``python -m benchmarks.self_influence [--repeats 10] [--threads 1] [--smollm2] [--targets]``.
 """
 
 from __future__ import annotations
@@ -269,16 +278,144 @@ def bench_smollm2(repeats: int) -> list[dict]:
     return rows
 
 
+class LayerScale(nn.Module):
+    """``y = gamma * x`` (a learned per-channel scale, as in CaiT and ConvNeXt)."""
+
+    def __init__(self, d: int, init: float = 0.1):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((d,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gamma * x
+
+
+class Encoder(nn.Module):
+    def __init__(self, vocab: int = 256, d: int = 128, layers: int = 2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.emb(tokens)).mean(1))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 8 * 8, 10))
+
+
+def layerscale_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), LayerScale(512), nn.Linear(512, 512), nn.ReLU(),
+                         LayerScale(512), nn.Linear(512, 10))
+
+
+def hf_lm(kind: str, tie: bool) -> nn.Module:
+    import transformers
+
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                       tie_word_embeddings=tie)
+        return transformers.LlamaForCausalLM(cfg)
+    cfg = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def hf_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids).logits[:, :-1]
+    return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+
+def class_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+def target_models() -> list[tuple]:
+    """(name, model, loss, inputs, broadcast) of every model the targets are measured on."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    tokens, labels = torch.randint(0, 256, (32, 64), generator=g), torch.randint(0, 10, (32,), generator=g)
+    images, image_labels = torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+    x, y = torch.randn(64, 784, generator=g), torch.randint(0, 10, (64,), generator=g)
+    mlp = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    lm_ids = torch.randint(0, 256, (32, 64), generator=g)
+    return [
+        ("TransformerEncoder", Encoder(), class_loss, (tokens, labels), ()),
+        ("CNN", cnn(), class_loss, (images, image_labels), ()),
+        ("MLP", mlp, class_loss, (x, y), ()),
+        ("LayerScale MLP", layerscale_mlp(), class_loss, (x, y), ()),
+        ("Llama (tied)", hf_lm("llama", True), hf_loss, (lm_ids,), ()),
+        ("Llama (untied)", hf_lm("llama", False), hf_loss, (lm_ids,), ()),
+        ("GPT-2 (Conv1D)", hf_lm("gpt2", True), hf_loss, (lm_ids,), ("transformer.wpe",)),
+    ]
+
+
+def bench_target(name: str, model: nn.Module, loss_fn, inputs: tuple, broadcast, repeats: int) -> list[dict]:
+    """Norms against a plain forward+backward, the PRESENCE step against a plain step, and peak memory."""
+    fns = variants(name, model, loss_fn, inputs, broadcast=broadcast, opacus=False)
+    small = tuple(t[:4] for t in inputs)  # exactness on a few samples (the loop reference is slow)
+    check = variants(name, model, loss_fn, small, broadcast=broadcast, opacus=False)
+    got, want = check["SelfInfluence"](), check["loop"]()
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    if err > 1e-3:
+        raise AssertionError(f"{name}: norms differ from the per-sample loop by {err:.2e} (relative)")
+    times = time_interleaved({k: fns[k] for k in ("fwd+bwd", "SelfInfluence")}, repeats=repeats, warmup=2)
+    step_times = time_interleaved(steps(model, loss_fn, inputs, broadcast=broadcast), repeats=repeats, warmup=2)
+    plain_peak = peak_bytes(fns["fwd+bwd"])
+    update = norms_and_update(model, loss_fn, inputs, broadcast=broadcast)
+    update()
+    return [{"model": name, "norms x fwd+bwd": median_ratio(times, "SelfInfluence", "fwd+bwd"),
+             "step x plain step": median_ratio(step_times, "PRESENCE step", "plain step"),
+             "peak x plain": peak_bytes(update) / plain_peak,
+             "fwd+bwd ms": 1e3 * statistics.median(times["fwd+bwd"]), "check err": err}]
+
+
+def profile_norms(name: str, model: nn.Module, loss_fn, inputs: tuple, broadcast, rows: int = 12) -> None:
+    """Print the operations that take the time of the norms (self CPU time), next to a plain forward+backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fns = variants(name, model, loss_fn, inputs, broadcast=broadcast, opacus=False)
+    for label in ("fwd+bwd", "SelfInfluence"):
+        fns[label]()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                fns[label]()
+        print(f"\n{name}: {label} (3 calls)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--slow-repeats", type=int, default=3, help="repeats of the vmap and loop baselines")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smollm2", action="store_true", help="add the SmolLM2-135M rows (converts it once)")
+    parser.add_argument("--targets", action="store_true", help="the per-rule target models only")
+    parser.add_argument("--only", nargs="+", default=None, help="with --targets: these models only")
+    parser.add_argument("--profile", action="store_true", help="with --targets: profile the norms")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*batching rule.*")
     warnings.filterwarnings("ignore", message=".*full backward hook.*")
+    if args.targets:
+        rows = []
+        for name, model, loss_fn, inputs, broadcast in target_models():
+            if args.only and name not in args.only:
+                continue
+            if args.profile:
+                profile_norms(name, model, loss_fn, inputs, broadcast)
+                continue
+            rows += bench_target(name, model, loss_fn, inputs, broadcast, args.repeats)
+            print(rows[-1], flush=True)
+        if rows:
+            print_table(rows, list(rows[0]))
+            path = write_results("self_influence_targets", {"threads": args.threads, "repeats": args.repeats,
+                                                            "rows": rows})
+            print(f"\nwritten to {path}")
+        return
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 256, (32, 129), generator=g)

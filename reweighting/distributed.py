@@ -4,7 +4,9 @@ Every normalisation in the library is over the *global* batch: all ranks, with p
 sizes allowed to differ. Reductions (sum, max, min) need no knowledge of other ranks' sizes and
 never synchronise with the host. Gathering the values themselves (needed only by rank and
 quantile normalisation) exchanges the per-rank sizes first, which costs one small host sync;
-:func:`gather_rows` carries sizes and values in one collective (what ``LossReweighter`` uses).
+:func:`gather_rows` carries sizes and values in one collective, and :func:`gather_padded` (what
+``LossReweighter`` uses) returns them in a padded buffer with a mask, so that nothing is read back
+to the host at all.
 
 All functions take an optional ``group`` (a ``torch.distributed`` process group); ``None`` means
 the default group and :data:`LOCAL` means "this process only" (no collective even when
@@ -27,6 +29,7 @@ __all__ = [
     "all_reduce_min",
     "all_gather_uneven",
     "gather_rows",
+    "gather_padded",
     "global_count",
     "LOCAL",
 ]
@@ -146,3 +149,48 @@ def gather_rows(x: torch.Tensor, capacity: int, group=None) -> tuple[torch.Tenso
         return gather_rows(x, 1 << (max(counts) - 1).bit_length(), group)
     rows = torch.cat([p[1 : 1 + c] for p, c in zip(pieces, counts)], dim=0).to(x.dtype)
     return rows, counts, capacity
+
+
+def gather_padded(x: torch.Tensor, capacity: int, group=None, *, truncate: bool = False,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's rows of ``x`` (``[n, k]``, ``n <= capacity``, may differ per rank) in **one**
+    collective and **without reading anything back to the host**.
+
+    Each rank sends ``capacity`` rows and a validity column (1 for its ``n`` real rows, 0 for the
+    padding) plus one row holding ``n``. Returns ``(rows, valid, counts)``: ``rows``
+    ``[world * capacity, k]`` with rank ``r``'s row ``i`` at ``r * capacity + i``, ``valid``
+    ``[world * capacity]`` (bool) marking the real rows, and ``counts`` ``[world]`` (long) each
+    rank's ``n``, all on ``x``'s device. So this rank's rows are the static slice starting at
+    ``rank * capacity``. A rank whose ``n`` exceeds ``capacity`` raises before the collective
+    (its count is known to it alone; the others cannot agree on a larger buffer without a host
+    read), unless ``truncate``: then it sends its first ``capacity`` rows and ``counts`` shows
+    its true ``n``, for a caller that reads the counts and gathers again with a larger buffer
+    (as :func:`gather_rows` does). In one process (or with
+    :data:`LOCAL`) the rows come back as they are, all valid. Counts travel in float32 (exact
+    below 2^24), and half-precision rows do too.
+    """
+    x = x.detach()
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-d [rows, columns], got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if not is_distributed(group):
+        return (x.clone(), torch.ones(n, dtype=torch.bool, device=x.device),
+                torch.full((1,), n, dtype=torch.long, device=x.device))
+    capacity = int(capacity)
+    if n > capacity and not truncate:
+        raise ValueError(f"x has {n} rows on rank {rank(group)}, more than the gather capacity of {capacity} rows "
+                         "per rank: pass a capacity at least as large as the largest per-rank batch")
+    wire = torch.float32 if x.is_floating_point() and torch.finfo(x.dtype).bits < 32 else x.dtype
+    buffer = x.new_zeros((capacity + 1, x.shape[1] + 1), dtype=wire)
+    sent = min(n, capacity)
+    buffer[:sent, :-1] = x[:sent]
+    buffer[:sent, -1] = 1
+    buffer[capacity, -1] = n
+    world = dist.get_world_size(group)
+    out = buffer.new_empty((world * (capacity + 1), x.shape[1] + 1))
+    gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather_into(out, buffer, group=group)
+    out = out.view(world, capacity + 1, x.shape[1] + 1)
+    rows = out[:, :capacity, :-1].reshape(world * capacity, x.shape[1]).to(x.dtype)
+    valid = out[:, :capacity, -1].reshape(-1) == 1
+    return rows, valid, out[:, capacity, -1].long()

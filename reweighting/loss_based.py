@@ -122,8 +122,11 @@ class LossReweighter:
     losses and exclusion flags (a few KB, with the per-rank sizes embedded), after which the
     normalisation, the NaN check and the statistics are computed locally, identically on every
     rank, for every ``normalize`` and policy. The gather's buffer holds 256 samples per rank at
-    first; a larger batch grows it once (one extra gather, agreed by all ranks). Reading the
-    per-rank sizes is one small host read per call.
+    first, padded, with a mask of the real samples, so with checks off (``reweighting.checks(False)``)
+    a step reads nothing back to the host. With checks on, the per-rank sizes are read back (one
+    small host read) and a larger batch grows the buffer once (one extra gather, agreed by all
+    ranks); with checks off a rank whose batch exceeds the buffer raises: run the first step with
+    checks on, or set ``rw.gather_capacity`` to the largest per-rank batch.
 
     **The step counter** counts optimizer steps; it drives warm-up and is all the state there is.
     Call ``rw.step()`` once after each ``optimizer.step()``, or ``rw.attach(optimizer)`` once to
@@ -219,6 +222,17 @@ class LossReweighter:
         # Rows per rank of the one-collective gather (grown, identically on every rank, when a
         # batch is larger); not part of the state: a resumed run grows it again in one extra gather.
         self._capacity = 256
+
+    @property
+    def gather_capacity(self) -> int:
+        """Samples per rank that the gather's buffer holds (grows with checks on; set it for checks off)."""
+        return self._capacity
+
+    @gather_capacity.setter
+    def gather_capacity(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"gather_capacity must be an integer >= 1, got {value!r}")
+        self._capacity = value
 
     def __repr__(self) -> str:
         return (
@@ -339,15 +353,23 @@ class LossReweighter:
         values = per_sample_loss.detach().float()
         n_local = values.shape[0]
         if D.is_distributed(self.group):
-            # One collective: every rank's losses and exclusion flags (a few KB); everything below
-            # is computed locally on the global batch, identically on every rank.
+            # One collective: every rank's losses and exclusion flags (a few KB) in a padded buffer
+            # with a validity mask, so nothing is read back to the host; everything below is computed
+            # locally on the global batch, identically on every rank. This rank's samples start at
+            # rank * capacity, and padding takes no part in anything.
             excluded = torch.zeros_like(values) if mask is None else (~mask).float()
-            rows, counts, self._capacity = D.gather_rows(torch.stack([values, excluded], dim=1), self._capacity,
-                                                         self.group)
-            offset = sum(counts[: D.rank(self.group)])
-            everything, taking_part = rows[:, 0].contiguous(), (rows[:, 1] == 0 if mask is not None else None)
+            columns = torch.stack([values, excluded], dim=1)
+            rows, valid, counts = D.gather_padded(columns, self._capacity, self.group, truncate=checks_enabled())
+            if checks_enabled():
+                largest = int(counts.max())  # a host read, allowed with checks on: grow on every rank alike
+                if largest > self._capacity:
+                    self._capacity = 1 << (largest - 1).bit_length()
+                    rows, valid, counts = D.gather_padded(columns, self._capacity, self.group)
+            offset = D.rank(self.group) * self._capacity
+            everything = rows[:, 0].contiguous()
+            taking_part = valid if mask is None else valid & (rows[:, 1] == 0)
         else:
-            counts, offset, everything, taking_part = [n_local], 0, values, mask
+            valid, offset, everything, taking_part = None, 0, values, mask
         finite = torch.isfinite(everything)
         bad = ~finite if taking_part is None else taking_part & ~finite
         if self.nonfinite == "zero":
@@ -359,15 +381,20 @@ class LossReweighter:
                                              else keep.any()]).tolist()  # one host read
             if self.nonfinite == "raise" and any_bad:
                 raise self._nonfinite_error(bad, everything, offset, n_local,
-                                            counts if D.is_distributed(self.group) else None)
+                                            None if valid is None else [self._capacity] * len(counts))
             if not any_kept:
-                n_masked = 0 if taking_part is None else int((~taking_part).sum())
+                n_masked = 0 if taking_part is None else int(((~taking_part) if valid is None
+                                                               else (valid & ~taking_part)).sum())
+                total = everything.shape[0] if valid is None else int(valid.sum())
                 raise ValueError(
                     f"no sample of per_sample_loss is left to weight over the global batch of "
-                    f"{everything.shape[0]}: {n_masked} excluded by mask, {int(bad.sum())} non-finite"
+                    f"{total}: {n_masked} excluded by mask, {int(bad.sum())} non-finite"
                 )
         weights = self._global_weights(everything, keep)
-        n_masked = 0 if taking_part is None else (~taking_part).sum()
+        if taking_part is None:
+            n_masked = 0
+        else:  # padding is not masking
+            n_masked = ((~taking_part) if valid is None else (valid & ~taking_part)).sum()
         n_bad = bad.sum() if self.nonfinite == "zero" else 0
         with checks(False):  # the weights were made here: no host read to re-check them
             self.stats = weight_stats(weights, mask=keep, n_nonfinite=bad.sum(), n_dropped=n_masked + n_bad,

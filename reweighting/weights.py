@@ -162,14 +162,16 @@ def rank_normalize(
     check_positive_number(delta, "delta")
     values, mask = _prepare(x, "x", mask, group)
     everything, every_mask, offset = _global_values(values, mask, group)
-    kept = everything[every_mask]
-    n = kept.numel()
+    # Excluded samples sort last (as +inf) rather than being dropped, so no shape depends on the
+    # mask and nothing is read back to the host.
+    n = every_mask.sum()
     # Average rank with ties: (#strictly smaller) + (#equal - 1) / 2, by binary search on the sorted values.
-    ordered = torch.sort(kept).values
-    below = torch.searchsorted(ordered, values, right=False).float()
-    upto = torch.searchsorted(ordered, values, right=True).float()
-    ranks = below + (upto - below - 1) / 2
-    h = delta * (2 * ranks / (n - 1) - 1) if n > 1 else torch.zeros_like(values)
+    ordered = torch.sort(torch.where(every_mask, everything, torch.full_like(everything, math.inf))).values
+    below = torch.searchsorted(ordered, values, right=False)
+    upto = torch.minimum(torch.searchsorted(ordered, values, right=True), n)
+    ranks = below.float() + (upto - below - 1).float() / 2
+    h = delta * (2 * ranks / (n - 1).clamp(min=1) - 1)
+    h = torch.where(n > 1, h, torch.zeros_like(h))
     return torch.where(mask, h, torch.zeros_like(h))
 
 
@@ -195,8 +197,9 @@ def quantile_normalize(
     check_positive_number(eps, "eps")
     values, mask = _prepare(x, "x", mask, group)
     everything, every_mask, _ = _global_values(values, mask, group)
-    kept = everything[every_mask]
-    lo, hi = torch.quantile(kept, torch.tensor([q, 1 - q], device=kept.device, dtype=kept.dtype))
+    # Excluded samples become NaN, which nanquantile skips: no shape depends on the mask (no host read).
+    masked = torch.where(every_mask, everything, torch.full_like(everything, math.nan))
+    lo, hi = torch.nanquantile(masked, torch.tensor([q, 1 - q], device=masked.device, dtype=masked.dtype))
     h = torch.clamp(delta * (2 * values - hi - lo) / torch.clamp(hi - lo, min=eps), -delta, delta)
     return torch.where(mask, h, torch.zeros_like(h))
 

@@ -82,7 +82,7 @@ def per_sample_sq_norms(
 ) -> torch.Tensor:
     """``[B]``: ``||grad l_i||^2`` over the chosen parameters, from :func:`per_sample_grads`."""
     grads = per_sample_grads(model, loss_fn, *inputs, params=params)
-    return sum(g.flatten(1).float().square().sum(1) for g in grads.values())
+    return sum(g.reshape(g.shape[0], -1).float().square().sum(1) for g in grads.values())  # scalars too
 
 
 def batched_autograd_grads(losses: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -7,10 +7,16 @@ after reading the whole completion, as in the paper (docs/methods/qprobe.md); af
 is the token before the stop string's last token; at ``max_new_tokens`` it is the token before the
 last one drawn (whose own state generate never computes). Prompts are left-padded in a batch;
 the feature depends on each prompt alone, which the tests check against a separate forward pass.
+
+Each prompt is encoded once, not once per sample: a forward pass over the prompts (all but their
+last token) fills the key/value cache, which is repeated ``k`` times along the batch, and
+``generate`` continues from it (``reuse_prompt=False`` encodes each of the ``k`` copies, as
+``num_return_sequences`` does).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -112,6 +118,25 @@ def _prompt_texts(tokenizer, prompts: Sequence[str], chat: bool) -> list[str]:
             for p in prompts]
 
 
+def _prompt_cache(model, enc, k: int) -> tuple[str, object] | None:
+    """``(keyword, cache)``: the key/value cache of every prompt but its last token, computed once per
+    prompt and repeated ``k`` times along the batch; None where the model or its cache cannot do that."""
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    params = inspect.signature(model.forward).parameters
+    keyword = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
+    if ids.shape[1] < 2 or keyword is None:
+        return None
+    kwargs = {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1], "use_cache": True}
+    if "position_ids" in params:  # as generate numbers left-padded prompts
+        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, :-1]
+    out = model(**kwargs)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(k)
+    return keyword, cache
+
+
 @torch.no_grad()
 def sample_with_features(
     model,
@@ -128,13 +153,15 @@ def sample_with_features(
     batch_size: int = 8,
     seed: int | None = None,
     progress: bool = True,
+    reuse_prompt: bool = True,
 ) -> Samples:
     """Draw ``k`` completions of each prompt with ``model.generate`` and read their features.
 
     ``layer`` indexes ``output_hidden_states`` (0: embeddings, ``i``: after block ``i``, -1: the last,
     which most models return after their final norm). ``chat`` wraps each prompt in the tokenizer's
     chat template. ``batch_size`` prompts (``batch_size * k`` sequences) go to one ``generate`` call.
-    ``seed`` seeds torch's global generator, which ``generate`` samples from.
+    ``seed`` seeds torch's global generator, which ``generate`` samples from. ``reuse_prompt``
+    encodes each prompt once and shares its cache among its ``k`` samples (see the module).
     """
     check_prompts(prompts)
     for name, value in (("k", k), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
@@ -166,9 +193,15 @@ def sample_with_features(
         for start in tqdm(starts, desc="sample", disable=not progress, leave=False, dynamic_ncols=True):
             batch = texts[start: start + batch_size]
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
+            shared = _prompt_cache(model, enc, k) if reuse_prompt else None
+            if shared is None:
+                inputs, copies = dict(enc), k
+            else:  # the k copies of each prompt, in generate's order, continuing from the shared cache
+                inputs = {name: t.repeat_interleave(k, 0) for name, t in enc.items()}
+                inputs[shared[0]], copies = shared[1], 1
             out = model.generate(
-                **enc, do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                num_return_sequences=k, output_hidden_states=True, return_dict_in_generate=True,
+                **inputs, do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                num_return_sequences=copies, output_hidden_states=True, return_dict_in_generate=True,
                 pad_token_id=pad_id, eos_token_id=eos_ids or None,
                 stop_strings=list(stop_strings) or None, tokenizer=tokenizer if stop_strings else None,
             )

@@ -6,14 +6,14 @@ import torch.nn.functional as F
 
 
 class Scale(nn.Module):
-    """A layer with a parameter and no per-sample rule."""
+    """A layer with a parameter and no per-sample rule (the parameter enters through ``exp``)."""
 
     def __init__(self, d):
         super().__init__()
         self.gain = nn.Parameter(torch.linspace(0.5, 1.5, d))
 
     def forward(self, x):
-        return x * self.gain
+        return x * self.gain.exp()
 
 
 def mlp(with_scale=False):

@@ -15,7 +15,9 @@ projections act on intermediate tensors) register a *call rule* with :func:`regi
 receives every tensor argument of the call, its keyword arguments and the output gradients, and
 may cover the parameters of the layer's children (``out_proj.weight``). Modules of no registered
 type that hold a single 1-d ``weight`` and an ``eps`` (Hugging Face's ``LlamaRMSNorm``,
-``Qwen2RMSNorm``, ...) are recognised by :func:`structural_rule` and checked numerically on use.
+``Qwen2RMSNorm``, ...) are recognised by :func:`structural_rule` and checked numerically on use;
+so are modules that only scale and shift their input by broadcast parameters (LayerScale, a free
+bias, a learned scale: ``y = x * s + b``, see :mod:`.elementwise`), which get a call rule.
 """
 
 from __future__ import annotations
@@ -97,10 +99,13 @@ def rule_for(module: nn.Module) -> Rule | None:
 
 
 def call_rule_for(module: nn.Module) -> CallRule | None:
-    """The call rule for ``module``'s type or its nearest registered base class, or None."""
+    """The call rule for ``module``'s type or its nearest registered base class, else the
+    elementwise rule for a module computing ``x * scale + shift`` (see :mod:`.elementwise`), or None."""
     for cls in type(module).__mro__:
         if cls in CALL_RULES:
             return CALL_RULES[cls]
+    if _registered(module) is None and elementwise_form(module) is not None:
+        return elementwise
     return None
 
 
@@ -109,6 +114,10 @@ def covered_names(module: nn.Module) -> frozenset[str]:
     for cls in type(module).__mro__:
         if cls in CALL_COVERED:
             return CALL_COVERED[cls]
+    if _registered(module) is None:
+        form = elementwise_form(module)
+        if form is not None:
+            return frozenset(n for n in form if n is not None)
     return COVERED
 
 
@@ -131,5 +140,6 @@ def refusal(module: nn.Module) -> str | None:
 
 # Importing the rule modules registers them.
 from . import conv, embedding, hf_conv1d, layernorm, linear, mha  # noqa: E402,F401
+from .elementwise import elementwise, elementwise_form  # noqa: E402
 from .mha import mha_refusal  # noqa: E402
 from .rmsnorm_like import structural_rule  # noqa: E402
