@@ -260,6 +260,6 @@ STUDY = Study(
                 "model selection on a noisy validation split",
     threads=1,
     cores=2,  # a pool of two worker processes, one (seed, noise setting) job each
-    cost=330,
+    cost=360,  # pilot: about 29 CPU-s per seed (4 settings + clean), 8 + 2 x 2 seed-runs, pool start-up
     protocol=lambda quick: PROTOCOL_QUICK if quick else PROTOCOL_FULL,
 )
