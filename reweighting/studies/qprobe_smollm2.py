@@ -132,12 +132,13 @@ def _rewards(completions: list[list[str]], answers: list[int]) -> torch.Tensor:
 
 def run_smollm2(cfg: SmolConfig, ctx: StudyContext, protocol: Protocol | None = None, *,
                 load: Callable[[], tuple] = _load_smollm2, model_id: str | None = None,
-                cache: Path | None = None) -> StudyOutcome:
+                cache: Path | None = None, qa: list[tuple[str, int]] | None = None) -> StudyOutcome:
     """The whole study for one configuration on ``ctx.seeds``.
 
     ``load`` returns ``(model, tokenizer)`` and is called only when a question's pool is not cached;
     ``model_id`` names the model in the cache key and ``cache`` is the folder of cached pools
-    (defaults: SmolLM2 and a folder next to its converted weights). Tests pass a tiny model.
+    (defaults: SmolLM2 and a folder next to its converted weights); ``qa`` the questions (default:
+    all 200). Tests pass a tiny model and fewer questions.
     """
     import time
 
@@ -149,7 +150,9 @@ def run_smollm2(cfg: SmolConfig, ctx: StudyContext, protocol: Protocol | None = 
 
         cache = cache_dir() / "qprobe-smollm2-pools"
     model_id = model_id or _smollm2_id()
-    qa = questions()
+    qa = qa or questions()
+    if cfg.test_prompts + cfg.train_prompts + cfg.val_prompts > len(qa):
+        raise ValueError(f"run_smollm2: test + train + val prompts exceed the {len(qa)} questions")
     box: dict = {}
     start = time.process_time()
     settings = {"layer": cfg.layer, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
@@ -169,7 +172,7 @@ def run_smollm2(cfg: SmolConfig, ctx: StudyContext, protocol: Protocol | None = 
              "pool_mean_reward": float(rewards.float().mean()),
              "train_mean_reward": [r["train_mean_reward"] for r in runs]}
     details = {"test_question_overlap_between_seeds": overlap,
-               "example_completions": {qa[i][0]: pool["completions"][i][:4] for i in range(0, 200, 67)}}
+               "example_completions": {qa[i][0]: pool["completions"][i][:4] for i in range(0, len(qa), 67)}}
     return summarize_runs(cfg, protocol, runs, ctx, "SmolLM2-135M-Instruct, one-digit arithmetic", extra, details)
 
 
@@ -275,7 +278,7 @@ STUDY = Study(
     quick_seeds=2,
     description="Q-probe selection on SmolLM2-135M-Instruct's answers to one-digit arithmetic in words",
     cores=1,
-    cost=450,
+    cost=650,
     threads=1,  # sampling one question's batch on one thread: two contend on a busy 2-core machine
     protocol=lambda quick: _config(quick)[1],
 )
