@@ -186,8 +186,9 @@ def _test_overlap(splits: list[dict]) -> float | None:
 CLAIM = ("On a real LM's sampled answers, choosing among k with a Q-probe beats one sample; L_PG beats L_CE "
          "and L_Q and keeps improving with k (Li et al., 2024)")
 METRIC = "expected reward at the largest k (beta per probe and k, chosen on held-out validation questions)"
-# pass@k - pass@1 on the test questions at the largest k, from a pilot on selection seeds 1000-1001
-# (the paper's gains as shares of its headroom are scaled by it).
+# pass@k - pass@1 on the test questions at the largest k, which scales the paper's gains (shares of its
+# headroom): estimated from the study's earlier single sample set (pass@8 - pass@1 = 0.21 on 70 test
+# questions), extrapolated to k = 16 and 48; not yet re-measured on the pooled samples.
 PILOT_HEADROOM = {"default": 0.25, "large": 0.35}
 # The control's margin: the shuffled-reward probe may exceed pass@1 by at most 0.015 (about a third of
 # the smallest expected gain at the default k).
@@ -205,7 +206,9 @@ SELECTION = (
 BASELINE = ("healthy when the mean over seeds of pass@k - pass@1 on the test questions at the largest k is >= 0.1. "
             "The control part checks the pipeline: L_PG fitted on rewards shuffled within each fit question, "
             "scored like the others (beta tuned on the validation questions), must not beat pass@1 by more than "
-            "the tolerance; a leak of the test rewards into Q or the choice of beta would.")
+            "the tolerance; a leak of the test rewards into Q or the choice of beta would. The check presumes that a "
+            "random direction of the 576-dimensional features carries little of the signal (in few dimensions "
+            "one can, and beta tuned on held-out questions keeps its sign when it helps).")
 DEVIATIONS = (
     ("SmolLM2-135M-Instruct on 200 one-digit questions in words, reward = the last number is the answer, "
      "instead of Code-LLaMA-7B on MBPP with unit tests", "the largest model whose sampling fits the 2-core CPU "
