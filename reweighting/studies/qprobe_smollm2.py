@@ -48,6 +48,7 @@ class SmolConfig:
     top_k: int = 50  # transformers' default for sampling, as the study's earlier runs used
     pool_seed: int = 0
     pool: int = 16  # completions sampled (once, cached) per question
+    question_stride: int = 1  # every n-th of the 200 questions (quick mode samples fewer)
     # Each seed's split of the 200 questions, and the completions it draws from each question's pool.
     test_prompts: int = 80
     test_samples: int = 16
@@ -65,8 +66,9 @@ class SmolConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.test_prompts + self.train_prompts + self.val_prompts > len(WORDS) ** 2 * len(OPERATIONS):
-            raise ValueError("SmolConfig: test + train + val prompts exceed the 200 questions")
+        available = len(range(0, len(WORDS) ** 2 * len(OPERATIONS), self.question_stride))
+        if self.test_prompts + self.train_prompts + self.val_prompts > available:
+            raise ValueError(f"SmolConfig: test + train + val prompts exceed the {available} questions")
         for name in ("test_samples", "train_samples", "val_samples"):
             if getattr(self, name) > self.pool:
                 raise ValueError(f"SmolConfig: {name} = {getattr(self, name)} exceeds the pool of {self.pool}")
@@ -76,8 +78,8 @@ class SmolConfig:
 
 FULL = SmolConfig()
 LARGE = replace(FULL, pool=64, test_samples=48, train_samples=16, val_samples=48, ks=(1, 2, 4, 8, 16, 48))
-QUICK = replace(FULL, pool=4, test_prompts=12, test_samples=4, train_prompts=12, train_samples=4, val_prompts=8,
-                val_samples=4, ks=(1, 2, 4), probe_epochs=100, beta_resamples=50)
+QUICK = replace(FULL, pool=4, question_stride=6, test_prompts=12, test_samples=4, train_prompts=12, train_samples=4,
+                val_prompts=8, val_samples=4, ks=(1, 2, 4), probe_epochs=100, beta_resamples=50)
 
 
 def questions() -> list[tuple[str, int]]:
@@ -150,7 +152,7 @@ def run_smollm2(cfg: SmolConfig, ctx: StudyContext, protocol: Protocol | None = 
 
         cache = cache_dir() / "qprobe-smollm2-pools"
     model_id = model_id or _smollm2_id()
-    qa = qa or questions()
+    qa = qa or questions()[:: cfg.question_stride]
     if cfg.test_prompts + cfg.train_prompts + cfg.val_prompts > len(qa):
         raise ValueError(f"run_smollm2: test + train + val prompts exceed the {len(qa)} questions")
     box: dict = {}

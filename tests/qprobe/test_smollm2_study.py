@@ -129,6 +129,9 @@ def test_config_refuses_draws_beyond_the_pool():
         SmolConfig(ks=(1, 32))
     with pytest.raises(ValueError, match="200 questions"):
         SmolConfig(test_prompts=150, train_prompts=40, val_prompts=20)
+    with pytest.raises(ValueError, match="34 questions"):
+        SmolConfig(question_stride=6, test_prompts=20, train_prompts=10, val_prompts=5)
+    SmolConfig(question_stride=6, test_prompts=20, train_prompts=10, val_prompts=4)
     assert max(LARGE.ks) == 48 and LARGE.test_samples == 48
 
 
