@@ -52,6 +52,8 @@ def test_tune_beta_picks_the_best_on_the_given_prompts_with_its_stability():
     misleading = torch.tensor([[0.0, 5, 5, 5]] * 6)
     sel = tune_beta(misleading, r, 4, (0.0, 0.1, 10.0), resamples=50, seed=0)
     assert sel.chosen == 10.0  # the softest choice loses least when Q points the wrong way
+    # at k = 1 every beta gives the same return: the first listed is kept, whatever is best at k = 4
+    assert tune_beta(misleading, r, 1, (0.0, 0.1, 10.0), resamples=50, seed=0).chosen == 0.0
     # at a k above the samples per prompt, beta is chosen at the samples per prompt
     assert tune_beta(helpful, r, 48, (0.0, 10.0), resamples=10, seed=0).chosen == 0.0
 
