@@ -79,11 +79,6 @@ def test_probes_learn_the_signal_and_the_shuffled_control_does_not():
             assert r["probes"][name][TUNED][8] > r["baseline"] + 0.3  # the signal is strong
         # the control learned from rewards that no longer belong to their completions
         assert r["probes"][CONTROL][TUNED][8] < r["baseline"] + 0.1
-    # In few dimensions a random direction carries the signal too, and beta tuned on held-out prompts
-    # keeps its sign when it helps: the control's "no better than pass@1" presumes many dimensions.
-    g = torch.Generator().manual_seed(0)
-    few = [synthetic(120, 8, g, dim=2), synthetic(40, 8, g, dim=2), synthetic(80, 8, g, dim=2)]
-    assert fit_and_evaluate(CFG, *few, 0, CTX)["probes"][CONTROL][TUNED][8] > few[2].rewards.mean() + 0.1
     # a probe's tuned result is its result at the chosen beta
     r = out[0]
     assert r["probes"]["L_PG"][TUNED][8] == r["probes"]["L_PG"][r["tuned_beta"]["L_PG"][8]][8]

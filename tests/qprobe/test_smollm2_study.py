@@ -14,7 +14,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from reweighting.qprobe.tiny import tiny_llama  # noqa: E402
 from reweighting.studies import StudyContext, get_study  # noqa: E402
 from reweighting.studies.qprobe_eval import part_names  # noqa: E402
-from reweighting.studies.qprobe_pool import pooled_samples, sample_question  # noqa: E402
+from reweighting.studies.qprobe_pool import pooled_samples, question_seed, sample_question  # noqa: E402
 from reweighting.studies.qprobe_smollm2 import (  # noqa: E402
     FULL,
     LARGE,
@@ -52,9 +52,14 @@ def test_questions_and_per_seed_splits():
 def test_sampled_features_are_the_states_that_emitted_the_last_token():
     model, tok = tiny_lm()
     g = torch.Generator().manual_seed(3)
-    completions, feats, tokens = sample_question(model, tok, "What is one plus one?", 5, layer=2, max_new_tokens=6,
+    # EOS about a third of the draws: some completions end early while others run on
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+    model.lm_head.bias.data[tok.eos_token_id] = 5.0
+    completions, feats, tokens = sample_question(model, tok, "What is one plus one?", 12, layer=2, max_new_tokens=6,
                                                  temperature=1.0, top_k=0, generator=g)
-    assert len(completions) == 5 and feats.shape == (5, 32) and len(tokens) == 5
+    assert len(completions) == 12 and feats.shape == (12, 32) and len(tokens) == 12
+    lengths = {len(t) for t in tokens}
+    assert min(lengths) < 6 and max(lengths) == 6
     text = tok.apply_chat_template([{"role": "user", "content": "What is one plus one?"}],
                                    add_generation_prompt=True, tokenize=False)
     prompt = tok(text, add_special_tokens=False)["input_ids"]
@@ -63,8 +68,7 @@ def test_sampled_features_are_the_states_that_emitted_the_last_token():
         ids = torch.tensor([prompt + drawn])
         states = model(input_ids=ids, output_hidden_states=True).hidden_states[2][0]
         torch.testing.assert_close(feature, states[len(prompt) + len(drawn) - 2], atol=1e-4, rtol=1e-4)
-    # with EOS the likeliest token, every completion ends at once: the feature is the prompt's last state
-    model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+    # with EOS by far the likeliest token, every completion ends at once: the feature is the prompt's last state
     model.lm_head.bias.data[tok.eos_token_id] = 100.0
     completions, feats, tokens = sample_question(model, tok, "What is one plus one?", 3, layer=2, max_new_tokens=6,
                                                  temperature=1.0, top_k=0, generator=g)
@@ -90,6 +94,14 @@ def test_pool_is_cached_per_question_and_independent_of_the_others(tmp_path):
                            cache=tmp_path / "other", model_box=box)
     assert alone["completions"][0] == first["completions"][1]
     torch.testing.assert_close(alone["features"][0], first["features"][1])
+    # each question draws from a generator seeded by its own text and the pool's seed
+    model, tok = box["model"], box["tokenizer"]
+    own = torch.Generator().manual_seed(question_seed("What is two plus two?", 0))
+    texts, feats, _ = sample_question(model, tok, "What is two plus two?", 3, layer=2, max_new_tokens=4,
+                                      temperature=1.0, top_k=50, generator=own)
+    assert texts == first["completions"][1]
+    assert question_seed("What is two plus two?", 0) != question_seed("What is one plus one?", 0)
+    assert question_seed("What is two plus two?", 0) != question_seed("What is two plus two?", 1)
     again = pooled_samples(["What is two plus two?", "What is one plus one?"], 3, settings=settings, model_id="tiny",
                            load=load, cache=tmp_path, model_box={})
     assert loads == [1]  # all read back: no model loaded
