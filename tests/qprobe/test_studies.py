@@ -1,10 +1,11 @@
-import json
+from dataclasses import replace
 
 import pytest
 import torch
 
-from reweighting.studies import StudyContext, get_study
-from reweighting.studies.qprobe import SMOKE, run_arithmetic
+from reweighting.studies import Study, get_study, run_study
+from reweighting.studies.qprobe import SMOKE, protocol_for, run_arithmetic
+from reweighting.studies.qprobe_eval import CONTROL, OBJECTIVES, TUNED, part_names
 
 
 @pytest.fixture
@@ -18,26 +19,39 @@ def one_thread():
 
 def test_qprobe_study_smoke(tmp_path, one_thread):
     assert get_study("qprobe").seeds >= 5
-    ctx = StudyContext(quick=True, seeds=[0], out_dir=tmp_path, device=torch.device("cpu"), show_progress=False)
-    outcome = run_arithmetic(SMOKE, ctx)
-    assert set(outcome.methods) == {"pass@1", "L_Q", "L_CE", "L_PG", f"pass@{max(SMOKE.ks)} (oracle)"}
-    values = {name: v[0] for name, v in outcome.methods.items()}
+    study = Study(name="qprobe-smoke", claim="c", metric="m", lower_is_better=False,
+                  run=lambda ctx: run_arithmetic(SMOKE, ctx), protocol=lambda quick: protocol_for(SMOKE, 1))
+    results = run_study(study, num_seeds=1, out_dir=tmp_path, show_progress=False)  # checks the declared parts
+    k_max = max(SMOKE.ks)
+    probes = (*OBJECTIVES, CONTROL)
+    paper = {f"{n} (beta 0.1)" for n in probes}
+    assert set(results["methods"]) == {"pass@1", *probes, *paper, f"pass@{k_max} (oracle)"}
+    values = {name: v[0] for name, v in results["per_seed"].items()}
     # The oracle bounds every selection rule from above, and one sample's reward is in [0, 1].
-    for name in ("pass@1", "L_Q", "L_CE", "L_PG"):
-        assert 0.0 <= values[name] <= values[f"pass@{max(SMOKE.ks)} (oracle)"] + 1e-6
-    parts = {p.name: p for p in outcome.parts}
-    k_max, k_mid = max(SMOKE.ks), sorted(SMOKE.ks)[len(SMOKE.ks) // 2]
-    assert set(parts) == {"L_Q > pass@1 (k=8)", "L_CE > pass@1 (k=8)", "L_PG > pass@1 (k=8)", "L_PG > L_CE (k=8)",
-                          "L_PG > L_Q (k=8)", f"L_PG improves from k={k_mid} to k={k_max}"}
-    assert parts["L_PG > L_CE (k=8)"].margin == pytest.approx(values["L_PG"] - values["L_CE"])
-    # beta is chosen per k on the training prompts
-    assert set(outcome.config["tuned_beta"][0]["L_PG"]) == set(SMOKE.ks)
+    for name in ("pass@1", *OBJECTIVES, CONTROL):
+        assert 0.0 <= values[name] <= values[f"pass@{k_max} (oracle)"] + 1e-6
+    parts = {p["name"]: p for p in results["parts"]}
+    assert list(parts) == part_names(SMOKE.ks)
+    assert parts[f"L_PG > L_CE (k={k_max})"]["margin"] == pytest.approx(values["L_PG"] - values["L_CE"])
+    seed0 = results["details"]["per_seed"][0]
+    # beta is chosen per probe and k (on the validation questions), with its stability
+    assert set(seed0["tuned_beta"]["L_PG"]) == {str(k) for k in SMOKE.ks}
+    assert all(0.0 <= s <= 1.0 for s in seed0["beta_stability"]["L_PG"].values())
     # SMOKE's GPT trains for 40 steps: it never writes a right answer, so the baseline is unhealthy and
     # the verdict cannot be "holds" (it is inconclusive, not a failure of the method)
-    assert not outcome.baseline.healthy and outcome.holds is False
-    for plot in outcome.plots:
-        assert (tmp_path / plot).stat().st_size > 0
-    json.dumps(outcome.details, default=str)
+    assert results["baseline_healthy"] is False and results["verdict"] == "inconclusive"
+    assert results["fingerprint"] == protocol_for(SMOKE, 1).fingerprint()
+    for plot in results["plots"]:
+        assert (tmp_path / "qprobe-smoke" / plot).stat().st_size > 0
+
+
+def test_seeds_are_independent_replicates(one_thread):
+    from reweighting.studies.qprobe import _generators
+
+    # every stream is the seed's own: no evidence seed shares a generator state with another or with
+    # a selection seed (1000 + i)
+    streams = [tuple(torch.rand(2, generator=g).tolist()) for s in (0, 1, 2, 1000, 1001) for g in _generators(s)]
+    assert len(set(streams)) == len(streams)
 
 
 def test_health_check_on_a_broken_and_a_healthy_toy():
@@ -59,14 +73,14 @@ def test_health_check_on_a_broken_and_a_healthy_toy():
 
 
 def test_keeps_improving_is_judged_at_every_step_from_the_middle_k():
-    from dataclasses import replace
-
-    from reweighting.studies.qprobe import FULL, OBJECTIVES, TUNED, claim_parts
+    from reweighting.studies.qprobe import FULL
+    from reweighting.studies.qprobe_report import claim_parts
 
     cfg = replace(FULL, ks=(1, 2, 4, 8, 16, 48))
+    protocol = protocol_for(cfg, 1)
     curve = {1: 0.3, 2: 0.4, 4: 0.5, 8: 0.6, 16: 0.62, 48: 0.61}  # peaks at 16
-    runs = [{"baseline": 0.3, "probes": {n: {TUNED: dict(curve)} for n in OBJECTIVES}}]
-    steps = {p.name: p for p in claim_parts(cfg, runs) if "improves" in p.name}
+    runs = [{"baseline": 0.3, "probes": {n: {TUNED: dict(curve)} for n in (*OBJECTIVES, CONTROL)}}]
+    steps = {p.name: p for p in claim_parts(protocol, cfg.ks, runs) if "improves" in p.name}
     assert set(steps) == {"L_PG improves from k=8 to k=16", "L_PG improves from k=16 to k=48"}
     assert steps["L_PG improves from k=8 to k=16"].verdict == "holds"
     assert steps["L_PG improves from k=16 to k=48"].verdict == "does not hold"  # 8 -> 48 alone would hide it
