@@ -112,7 +112,14 @@ def workflow(base: str, args: argparse.Namespace) -> int:
     """Sample, embed, reward, fit on the even questions, evaluate on the odd ones; prints the table."""
     import torch
 
-    from reweighting.qprobe import OpenAICompatible, evaluate_probe, fit_probe, numeric_match, sample_and_embed
+    from reweighting.qprobe import (
+        OpenAICompatible,
+        evaluate_probe,
+        fit_probe,
+        has_reward_signal,
+        numeric_match,
+        sample_and_embed,
+    )
 
     client = OpenAICompatible(base, "smollm2", max_tokens=args.max_tokens, pooling=args.pooling, seed=0)
     data = questions(args.questions)
@@ -125,9 +132,14 @@ def workflow(base: str, args: argparse.Namespace) -> int:
     features, p, k = samples.features, len(data), args.k
     groups = torch.arange(p).repeat_interleave(k)
     rows = train.repeat_interleave(k)
-    probe = fit_probe(features.reshape(p * k, -1)[rows], rewards.reshape(-1)[rows], groups[rows], "pg",
-                      epochs=50, batch_size=200, lr=1e-3, progress=False)
-    q_test = probe.score(features[~train])
+    if has_reward_signal(rewards.reshape(-1)[rows], groups[rows]):
+        probe = fit_probe(features.reshape(p * k, -1)[rows], rewards.reshape(-1)[rows], groups[rows], "pg",
+                          epochs=50, batch_size=200, lr=1e-3, progress=False)
+        q_test = probe.score(features[~train])
+    else:
+        print("no training question has completions of different rewards: nothing for the probe to learn, "
+              "so every completion scores alike")
+        q_test = torch.zeros(rewards[~train].shape)
     result = evaluate_probe(q_test, rewards[~train], [1, k], [0.0, 0.1])
     print(f"{p} questions x {k} completions from {base} (features {tuple(features.shape)}, pooling {args.pooling})")
     print(f"test pass@1 {result['baseline']:.3f}, pass@{k} {result['pass_at_k'][k]:.3f}, "

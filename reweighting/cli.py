@@ -334,14 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "this process may use, or 1 when the studies run on a GPU")
     p.add_argument("--perturb", choices=("ulp", "threads"), default=None,
                    help="change only floating-point rounding, to check that no verdict rests on it: 'ulp' moves "
-                        "every initial weight by one unit in the last place, 'threads' adds an intra-op thread")
+                        "every initial weight by one unit in the last place, 'threads' adds an intra-op thread "
+                        "(default: none)")
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("report", help="rebuild report.md from the results in --out", formatter_class=HelpFormatter)
     p.add_argument("--out", default="results", help="folder holding <study>/results.json")
     p.add_argument("--publish", nargs="?", const=".", default=None, metavar="ROOT",
                    help="also write ROOT/docs/results.json and regenerate the results tables of ROOT/README.md "
-                        "and ROOT/docs/studies/index.md from it (ROOT: the repository, default '.')")
+                        "and ROOT/docs/studies/index.md from it (ROOT: the repository, '.' when given without a value; "
+                        "default: not published)")
     p.set_defaults(func=_cmd_report)
 
     for module_name in _EXTRA_COMMANDS:

@@ -77,8 +77,8 @@ def test_readme_is_an_entrance():
 def test_results_table_sits_between_the_markers(path):
     lines = (ROOT / path).read_text().splitlines()
     start, end = lines.index("<!-- results:start -->"), lines.index("<!-- results:end -->")
-    table = [line for line in lines[start + 1:end] if line.strip()]
-    assert start < end and table and all(line.startswith("|") for line in table)
+    table = [line for line in lines[start + 1:end] if line.startswith("|")]
+    assert start < end and len(table) >= 3  # a header, its rule and at least one row
     assert lines.count("<!-- results:start -->") == 1 and lines.count("<!-- results:end -->") == 1
 
 

@@ -270,11 +270,11 @@ def test_pack_documents_rows_and_ids():
 
 
 def test_readme_packing_block_runs(capsys):
-    """The README's per-document block runs as written and prints what its comment says."""
+    """The docs' per-document block runs as written and prints what its comment says."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "document_losses(token_loss" in b]
     assert len(blocks) == 1
     exec(compile(blocks[0], "README.md", "exec"), {})

@@ -1,4 +1,6 @@
-"""Diffusion on biased data: time-dependent importance weighting (TIW-DSM, Kim et al., ICLR 2024; docs/methods/tiw-dsm.md).
+"""Diffusion on biased data: time-dependent importance weighting (TIW-DSM, Kim et al., ICLR 2024).
+
+See docs/methods/tiw-dsm.md.
 
 A large biased set and a small unbiased reference set. A time-dependent discriminator gives the
 density ratio ``w_t(x_t) = p_data^t / p_bias^t`` between the noised distributions; TIW-DSM

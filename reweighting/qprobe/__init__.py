@@ -11,7 +11,7 @@ during ``generate`` (:mod:`.features`) or from an API (:mod:`.api`); rewards fro
 from .api import POOLINGS, APIError, OpenAICompatible, RedirectError, sample_and_embed
 from .evaluate import evaluate_probe, expected_return, mean_reward, pass_at_k
 from .features import Samples, sample_with_features
-from .fit import chunk_groups, fit_probe
+from .fit import chunk_groups, fit_probe, has_reward_signal
 from .objectives import OBJECTIVES, bce_loss, mse_loss, pg_loss, preference_loss
 from .probe import QProbe
 from .rewards import exact_match, extract_number, numeric_match
@@ -28,6 +28,7 @@ from .sandbox import (
 from .select import select, selection_weights
 
 __all__ = [
+    "has_reward_signal",
     "APIError",
     "OBJECTIVES",
     "POOLINGS",

@@ -249,6 +249,17 @@ def _linear_loss(objective, q, rb, valid, temperature) -> float:
     return float(preference_loss(q[win], q[lose]))
 
 
+def has_reward_signal(rewards: torch.Tensor, groups: torch.Tensor) -> bool:
+    """Whether some prompt (``groups`` id) has two samples of different ``rewards``: without one,
+    the policy-gradient and preference objectives have zero gradient and nothing can be learned."""
+    _, inverse = torch.unique(groups.cpu(), return_inverse=True)
+    r = rewards.detach().cpu().float().reshape(-1)
+    n = int(inverse.max()) + 1 if inverse.numel() else 0
+    hi = torch.full((n,), -math.inf).scatter_reduce(0, inverse, r, "amax")
+    lo = torch.full((n,), math.inf).scatter_reduce(0, inverse, r, "amin")
+    return bool((hi > lo).any())
+
+
 def fit_probe(
     features: torch.Tensor,
     rewards: torch.Tensor,

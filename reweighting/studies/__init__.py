@@ -149,8 +149,8 @@ def _discover() -> None:
     global _DISCOVERED
     if _DISCOVERED:
         return
+    modules = _import_study_modules()  # a failure here is raised again on the next call, not hidden
     _DISCOVERED = True
-    modules = _import_study_modules()
     # a study module may register() several studies on import; each whose code lives in one of
     # these modules is found again by a fresh process
     _FROM_MODULES.update({n: s for n, s in _REGISTRY.items() if getattr(s.run, "__module__", None) in modules})

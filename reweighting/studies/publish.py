@@ -21,7 +21,8 @@ __all__ = ["SUMMARY_FILE", "START", "END", "PUBLISHED_FILES", "summarize_results
 
 SUMMARY_FILE = Path("docs") / "results.json"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-PUBLISHED_FILES = (Path("README.md"), Path("docs") / "studies" / "index.md")
+# each published file and whether its table lists every part (the README keeps to one row a study)
+PUBLISHED_FILES = {Path("README.md"): False, Path("docs") / "studies" / "index.md": True}
 
 
 def _part(p: dict[str, Any]) -> dict[str, Any]:
@@ -64,8 +65,8 @@ def _signed(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:+.{digits}f}"
 
 
-def render_tables(summary: dict[str, Any]) -> str:
-    """The markdown between the markers: a verdict per study, then every part with its numbers."""
+def render_tables(summary: dict[str, Any], parts: bool = True) -> str:
+    """The markdown between the markers: a verdict per study, then (``parts``) every part with its numbers."""
     studies = summary["studies"]
     modes = {"quick" if s["quick"] else "full" for s in studies}
     lines = [f"Generated from `docs/results.json` ({' and '.join(sorted(modes))} mode); do not edit by hand.", "",
@@ -80,6 +81,9 @@ def render_tables(summary: dict[str, Any]) -> str:
                      f"{s['seeds']} ({s['selection_seeds'] or 0}) | `{s['fingerprint'] or '-'}` |")
     total = sum(len(s["parts"]) for s in studies)
     decided = sum(p["verdict"] in ("holds", "does not hold") for s in studies for p in s["parts"])
+    if not parts:
+        return "\n".join([*lines, "", f"{decided} of {total} parts decided; every part's margin, noise and "
+                           "minimum detectable effect: [Studies](docs/studies/index.md#results)."])
     lines += ["", f"{decided} of {total} parts decided. Margin: mean paired difference over seeds, positive "
               "supports the claim; noise: half-width of its 95% interval; MDE: the effect 80% power would "
               "detect at this seed count (same units as the margin).", "",
@@ -113,10 +117,9 @@ def publish(out_dir: str | Path, root: str | Path = ".") -> list[Path]:
     written = [root / SUMMARY_FILE]
     written[0].parent.mkdir(parents=True, exist_ok=True)
     written[0].write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-    block = render_tables(summary)
-    for name in PUBLISHED_FILES:
+    for name, with_parts in PUBLISHED_FILES.items():
         path = root / name
         if path.exists():
-            path.write_text(replace_block(path.read_text(), block, str(path)))
+            path.write_text(replace_block(path.read_text(), render_tables(summary, with_parts), str(path)))
             written.append(path)
     return written

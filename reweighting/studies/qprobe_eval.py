@@ -123,7 +123,7 @@ def fit_and_evaluate(cfg, fit: SampleSet, val: SampleSet, test: SampleSet, seed:
     (``{probe: {beta or TUNED: {k: expected return}}}``), ``tuned_beta`` and ``beta_stability``
     (``{probe: {k: ...}}``).
     """
-    from ..qprobe import evaluate_probe, fit_probe
+    from ..qprobe import QProbe, evaluate_probe, fit_probe, has_reward_signal
 
     n_fit, k_fit = fit.rewards.shape
     x_fit = fit.features.reshape(n_fit * k_fit, -1)
@@ -132,9 +132,17 @@ def fit_and_evaluate(cfg, fit: SampleSet, val: SampleSet, test: SampleSet, seed:
     out: dict = {"probes": {}, "tuned_beta": {}, "beta_stability": {}}
     for name, objective in {**OBJECTIVES, CONTROL: "pg"}.items():
         rewards = shuffled if name == CONTROL else fit.rewards
-        probe = fit_probe(x_fit, rewards.reshape(-1), groups, objective, lr=cfg.probe_lr, epochs=cfg.probe_epochs,
-                          batch_size=cfg.probe_batch, weight_decay=cfg.weight_decay, seed=seed, device=ctx.device,
-                          progress=False)
+        if objective == "pg" and not has_reward_signal(rewards.reshape(-1), groups):
+            # no fit prompt has samples of different rewards: nothing to learn, so the probe scores
+            # every sample alike (uniform choice, pass@1), and the run says so
+            probe = QProbe(x_fit.shape[1]).to(ctx.device)
+            for prm in probe.parameters():
+                torch.nn.init.zeros_(prm)
+            out.setdefault("no_reward_signal", []).append(name)
+        else:
+            probe = fit_probe(x_fit, rewards.reshape(-1), groups, objective, lr=cfg.probe_lr,
+                              epochs=cfg.probe_epochs, batch_size=cfg.probe_batch, weight_decay=cfg.weight_decay,
+                              seed=seed, device=ctx.device, progress=False)
 
         def score(s: SampleSet, probe=probe) -> torch.Tensor:
             p, n = s.rewards.shape
