@@ -123,6 +123,7 @@ def main():
         page = os.sysconf("SC_PAGE_SIZE")
         ended = select.poll()
         ended.register(pidfd, select.POLLIN)  # readable once the harness has exited
+        finished = False
         while True:
             # Descriptors are only measured (no limit but the kernel's): every tenth poll is enough.
             files, memory, descriptors = poll(mounts, proc, page, report["polls"] % 10 == 0)
@@ -135,8 +136,11 @@ def main():
             elif memory > max_memory:
                 report.update(status="memory_limit",
                               detail=f"the sandbox's processes used more than {max_memory} bytes")
-            if report["status"] or ended.poll(interval * 1000):
+            # once the harness has ended, one more look: what a run left on its file systems counts
+            # even when it was made between two polls
+            if report["status"] or finished:
                 break
+            finished = bool(ended.poll(interval * 1000))
     except BaseException as exc:  # fail closed
         report.update(status="failed", detail=f"the limit watcher failed: {type(exc).__name__}: {exc}")
     if report["status"] and pidfd >= 0:
