@@ -296,7 +296,8 @@ def run_study(
     perturb = perturbation()
     folder = Path(out_dir) / study.name
     folder.mkdir(parents=True, exist_ok=True)
-    context = StudyContext(quick=quick, seeds=list(range(n)), out_dir=folder, device=torch.device(device),
+    seeds = protocol.evidence_seeds(n) if protocol is not None else list(range(n))
+    context = StudyContext(quick=quick, seeds=seeds, out_dir=folder, device=torch.device(device),
                            show_progress=show_progress,
                            selection_seeds=selection_seeds(protocol.selection_seeds if protocol else 0))
     # another intra-op thread count changes only the order of float reductions
@@ -337,7 +338,7 @@ def run_study(
         "quick": quick,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
-        "config": {"seeds": n, "device": str(device), "threads": threads, **outcome.config},
+        "config": {"seeds": n, "evidence_seeds": seeds, "device": str(device), "threads": threads, **outcome.config},
         "protocol": protocol.as_dict() if protocol is not None else None,
         "fingerprint": protocol.fingerprint() if protocol is not None else None,
         "perturbation": perturb,

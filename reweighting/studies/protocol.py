@@ -8,8 +8,10 @@ JSON) is written into ``results.json`` and the report, so a reader can tell two 
 protocol from two runs of different ones; ``run_study`` refuses an outcome whose parts are not the
 declared ones.
 
-Evidence seeds are ``0 .. seeds - 1``; selection seeds are ``SELECTION_SEED_BASE + i``, disjoint from
-them, so no value is chosen on the runs that then decide the verdict.
+Evidence seeds are ``first_seed .. first_seed + seeds - 1``; selection seeds are
+``SELECTION_SEED_BASE + i``, disjoint from them, so no value is chosen on the runs that then decide the
+verdict. A study whose seed count was sized from a pilot starts its evidence seeds past the pilot's, so
+that no seed of the pilot decides the verdict it was sized for.
 
 Perturbation (``reweighting reproduce --perturb``) changes only floating-point rounding: ``ulp``
 moves every initial weight of the studies' models by one unit in the last place (in a fixed
@@ -62,6 +64,7 @@ class Protocol:
     parts: tuple[PartSpec, ...]
     seeds: int
     selection_seeds: int = 0
+    first_seed: int = 0
     settings: tuple[tuple[str, Any], ...] = ()
     selection: tuple[str, ...] = ()
     baseline: str = ""
@@ -76,6 +79,17 @@ class Protocol:
         if self.seeds < 1 or self.selection_seeds < 0:
             raise ValueError(f"Protocol: seeds must be >= 1 and selection_seeds >= 0, got {self.seeds}, "
                              f"{self.selection_seeds}")
+        if not 0 <= self.first_seed <= SELECTION_SEED_BASE - self.seeds:
+            raise ValueError(f"Protocol: the evidence seeds {self.first_seed} .. {self.first_seed + self.seeds - 1} "
+                             f"must lie in 0 .. {SELECTION_SEED_BASE - 1}, below the selection seeds")
+
+    def evidence_seeds(self, count: int | None = None) -> list[int]:
+        """The evidence seeds: ``count`` of them (default: the declared number) from ``first_seed`` on."""
+        n = self.seeds if count is None else count
+        if not 1 <= n <= SELECTION_SEED_BASE - self.first_seed:
+            raise ValueError(f"the number of evidence seeds must be in 1 .. {SELECTION_SEED_BASE - self.first_seed} "
+                             f"(from seed {self.first_seed}, below the selection seeds), got {n}")
+        return list(range(self.first_seed, self.first_seed + n))
 
     def part(self, name: str) -> PartSpec:
         """The declared part called ``name`` (a clear error for an undeclared one)."""
@@ -86,6 +100,9 @@ class Protocol:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if not self.first_seed:
+            # evidence seeds from 0 were the only kind once: such a protocol keeps the fingerprint it had
+            del d["first_seed"]
         d["settings"] = {k: v for k, v in self.settings}
         d["deviations"] = [{"deviation": a, "reason": b} for a, b in self.deviations]
         return d

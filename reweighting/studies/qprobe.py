@@ -214,7 +214,7 @@ def _one_seed(cfg: ArithmeticConfig, seed: int, ctx: StudyContext) -> dict:
 
 def run_arithmetic(cfg: ArithmeticConfig, ctx: StudyContext, protocol: Protocol | None = None) -> StudyOutcome:
     """The whole study for one configuration (``FULL``, ``QUICK`` or ``SMOKE``) on ``ctx.seeds``."""
-    protocol = protocol or protocol_for(cfg, len(ctx.seeds))
+    protocol = protocol or protocol_for(cfg, len(ctx.seeds), first_seed=ctx.seeds[0])
     runs = [_one_seed(cfg, seed, ctx) for seed in ctx.progress(ctx.seeds, desc="qprobe seeds")]
     extra = {**asdict(cfg), "lm_steps": [r["lm_steps"] for r in runs],
              "train_mean_reward": [r["train_mean_reward"] for r in runs],
@@ -233,7 +233,7 @@ PILOT_HEADROOM = 0.63
 # The control's margin: the shuffled-reward probe may exceed pass@1 by at most 0.03 (a quarter of the
 # smallest expected gain, L_Q's).
 CONTROL_TOLERANCE = 0.03
-COST = 350.0
+COST = 700.0
 SELECTION = (
     "beta: for each evidence seed, probe and k, the beta of the grid (0 to 10, 0 = argmax) with the best "
     "mean expected return over that seed's validation questions (at k, 48 samples each), by select_best "
@@ -249,9 +249,10 @@ BASELINE = ("healthy when the mean over seeds of pass@48 - pass@1 on the test qu
             "choice to pay; an untrained GPT, never right, and a GPT always right both fail it). The control "
             "part checks the pipeline: L_PG fitted on rewards shuffled within each fit question, scored like "
             "the others (beta tuned on the validation questions), must not beat pass@1 by more than the "
-            "tolerance; a leak of the test rewards into Q or into the choice of beta would. Five seeds: the "
-            "study's earlier 5-seed run had a noise of 0.033 on L_PG > L_CE, an MDE of about 0.045, below "
-            "the 0.080 expected.")
+            "tolerance; a leak of the test rewards into Q or into the choice of beta would. Ten seeds: the "
+            "pilot (this protocol on seeds 0-4) had a paired sd of 0.016-0.020 on L_PG against L_CE and L_Q, "
+            "an MDE at 10 seeds of about 0.02, far below the 0.08-0.11 expected; the control's sd (0.10) "
+            "would need about 90 seeds to reach its 0.03 tolerance, so it is labelled underpowered.")
 REPLICATES = ("each evidence seed s draws its own split of the 8,100 questions a+b (a, b in 10..99) into test "
               "(200), fit (300), validation (100), check (200) and the GPT's training questions, its own GPT "
               "initialisation and data order, its own completions (temperature 3.5) and its own reward "
@@ -278,14 +279,18 @@ DEVIATIONS = (
 )
 
 
-def protocol_for(cfg: ArithmeticConfig, seeds: int) -> Protocol:
+def protocol_for(cfg: ArithmeticConfig, seeds: int, first_seed: int = 0) -> Protocol:
     """The protocol of a run of ``cfg`` on ``seeds`` evidence seeds (see ``PROTOCOL_FULL``)."""
     return Protocol(claim=CLAIM, metric=METRIC, parts=declare_parts(cfg.ks, PILOT_HEADROOM, CONTROL_TOLERANCE),
-                    seeds=seeds, selection_seeds=0, settings=tuple(sorted(asdict(cfg).items())),
+                    seeds=seeds, first_seed=first_seed, selection_seeds=0,
+                    settings=tuple(sorted(asdict(cfg).items())),
                     selection=SELECTION, baseline=BASELINE, replicates=REPLICATES, deviations=DEVIATIONS)
 
 
-PROTOCOL_FULL = protocol_for(FULL, 5)
+# 10 evidence seeds, sized from a pilot (the 5-seed run on seeds 0-4: paired sd 0.005-0.10 per part; at 10
+# seeds the MDE of every part with an expected effect but the control is below it); the evidence seeds
+# start at 100, past the pilot's.
+PROTOCOL_FULL = protocol_for(FULL, 10, first_seed=100)
 PROTOCOL_QUICK = protocol_for(QUICK, 1)
 
 
