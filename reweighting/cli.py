@@ -1,4 +1,4 @@
-"""The ``reweighting`` command line: ``list``, ``reproduce``, ``report`` (and ``qprobe`` when present).
+"""The ``reweighting`` command line: ``list``, ``reproduce``, ``report``, ``agree`` (and ``qprobe`` when present).
 
 User errors (a bad option value, a missing or malformed file, a device that is not there) print one
 line, ``reweighting: error: ...``, without a traceback and exit with status 2, as argparse does for
@@ -158,7 +158,15 @@ def _reproduce(args: argparse.Namespace) -> int:
     from .studies.report import JOB_FILE, build_report
 
     names = list(dict.fromkeys(args.studies))  # a name given twice runs once
-    studies = [get_study(n) for n in names] if names else list(all_studies().values())
+    if names:
+        studies = [get_study(n) for n in names]
+    else:  # the long studies run only when asked for: by name, or with --full
+        everything = list(all_studies().values())
+        studies = [s for s in everything if args.full or args.quick or not s.full_only]
+        left = [s for s in everything if s not in studies]
+        if left:
+            print(f"left out of the default run (add --full, or name them): {', '.join(s.name for s in left)} "
+                  f"(about {sum(s.cost for s in left) / 60:.0f} more CPU-minutes)")
     check_device(args.device, allow_auto=True)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -296,6 +304,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_agree(args: argparse.Namespace) -> int:
+    from .studies.agreement import compare_runs, format_agreement
+
+    for folder in (args.run_a, args.run_b):
+        if not Path(folder).is_dir():
+            raise UsageError(f"{folder} is not a folder (a --out of 'reweighting reproduce')")
+    try:
+        agreement = compare_runs(args.run_a, args.run_b)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    print(format_agreement(agreement, args.run_a, args.run_b))
+    return 0 if agreement.agrees else 1
+
+
 def _studies_epilog() -> str:
     """The studies ``reproduce`` knows, for its ``--help``."""
     try:
@@ -322,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("studies", nargs="*", metavar="STUDY",
                    help="studies to run (default: all; 'reweighting list' shows each one's claim)")
     p.add_argument("--quick", action="store_true", help="short runs (what the tests use), not the full study")
+    p.add_argument("--full", action="store_true",
+                   help="with no STUDY named: every study, the long ones too (the language-model studies); "
+                        "without it they are left out, and the run says so")
     p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default: the study's own)")
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
@@ -345,6 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "and ROOT/docs/studies/index.md from it (ROOT: the repository, '.' when given without a value; "
                         "default: not published)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("agree", help="compare the verdicts of two runs, study by study and part by part",
+                       formatter_class=HelpFormatter,
+                       description="Compare the verdicts of two results folders (e.g. a plain run and one with "
+                                   "--perturb ulp). Prints a table; exit status 1 when a verdict differs or a "
+                                   "study ran in one folder only, 2 when the runs used different protocols.")
+    p.add_argument("run_a", metavar="RUN_A", help="a results folder (the --out of 'reweighting reproduce')")
+    p.add_argument("run_b", metavar="RUN_B", help="another results folder")
+    p.set_defaults(func=_cmd_agree)
 
     for module_name in _EXTRA_COMMANDS:
         try:

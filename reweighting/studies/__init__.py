@@ -116,6 +116,8 @@ class Study:
     cost: float = 0.0
     # The protocol, declared before the study runs: ``protocol(quick)`` (see ``studies.protocol``).
     protocol: Callable[[bool], Protocol] | None = None
+    # A study too long for the default ``reproduce``: it runs when named or with ``--full``.
+    full_only: bool = False
 
     def __post_init__(self) -> None:
         for name in ("threads", "cores", "seeds", "quick_seeds"):

@@ -215,6 +215,7 @@ STUDY = Study(
     run=_run,
     seeds=PROTOCOL.seeds,
     quick_seeds=QUICK_PROTOCOL.seeds,
+    full_only=True,  # about an hour of CPU together with its pair: reproduce --full
     cores=2,  # a pool of worker processes, one training run each
     cost=1100,
     protocol=lambda quick: QUICK_PROTOCOL if quick else PROTOCOL,

@@ -127,6 +127,7 @@ STUDY = Study(
     run=lambda ctx: run_packed(ctx, QUICK if ctx.quick else FULL, QUICK_PROTOCOL if ctx.quick else PROTOCOL),
     seeds=PROTOCOL.seeds,
     quick_seeds=QUICK_PROTOCOL.seeds,
+    full_only=True,  # about an hour of CPU together with its pair: reproduce --full
     cores=2,  # a pool of worker processes, one training run each
     cost=650,
     protocol=lambda quick: QUICK_PROTOCOL if quick else PROTOCOL,
