@@ -52,6 +52,17 @@ class QProbe(nn.Module):
         self.register_buffer("mean", torch.zeros(self.dim))
         self.register_buffer("scale", torch.ones(self.dim))
 
+    @classmethod
+    def constant(cls, dim: int, hidden: Sequence[int] = ()) -> QProbe:
+        """A probe with every weight and bias zero: ``Q = 0`` for every sample, so a choice by it
+        (at any beta) is a uniform choice among the k samples, and its expected reward is pass@1.
+        The probe to use when the training prompts carry no reward signal to learn from."""
+        probe = cls(dim, hidden)
+        with torch.no_grad():
+            for parameter in probe.parameters():
+                parameter.zero_()
+        return probe
+
     def set_standardization(self, mean: torch.Tensor, scale: torch.Tensor) -> None:
         """Use ``(phi - mean) / scale`` as the probe's input (``scale`` entries must be > 0)."""
         if mean.shape != (self.dim,) or scale.shape != (self.dim,):

@@ -174,6 +174,17 @@ def _model_and_optimizer(cfg: Config, lr: float, seed: int, device: torch.device
     return model, optimizer, schedule
 
 
+def _step(loss: torch.Tensor, model, optimizer, schedule, rw) -> None:
+    """One optimiser step on the weighted loss (gradients clipped at norm 1), then the lr schedule's and
+    the reweighter's."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    rw.step()
+
+
 def train(data: Data, cfg: Config, setting: str, method: str, lr: float, seed: int, device: torch.device,
           curve: bool = False) -> dict:
     """Train one model; returns validation / test loss at the end, the weight share on duplicates, a curve."""
@@ -187,12 +198,7 @@ def train(data: Data, cfg: Config, setting: str, method: str, lr: float, seed: i
     for step, (rows, is_dup) in enumerate(batches(data, cfg, setting, seed), start=1):
         per_sample = sequence_loss(model.token_losses(rows.to(device)))
         loss = rw(per_sample)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        rw.step()
+        _step(loss, model, optimizer, schedule, rw)
         if setting == "redundant":
             w = rw.weights(per_sample.detach())
             dup = is_dup.to(device)
@@ -290,12 +296,7 @@ def train_packed(data: Data, cfg: Config, method: str, lr: float, seed: int, dev
             tokens_dup = (row_dup & keep).float().sum(1) / keep.sum(1)
             dup_share.append(float((w * tokens_dup).sum()))
         docs_per_row.append(per_doc.numel() / rows.shape[0])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        rw.step()
+        _step(loss, model, optimizer, schedule, rw)
     return {"test": evaluate(model, test_rows(data, cfg, seed), device),
             "validation": evaluate(model, data.validation, device),
             "duplicate_weight_share": sum(dup_share) / len(dup_share),

@@ -135,9 +135,7 @@ def fit_and_evaluate(cfg, fit: SampleSet, val: SampleSet, test: SampleSet, seed:
         if objective == "pg" and not has_reward_signal(rewards.reshape(-1), groups):
             # no fit prompt has samples of different rewards: nothing to learn, so the probe scores
             # every sample alike (uniform choice, pass@1), and the run says so
-            probe = QProbe(x_fit.shape[1]).to(ctx.device)
-            for prm in probe.parameters():
-                torch.nn.init.zeros_(prm)
+            probe = QProbe.constant(x_fit.shape[1]).to(ctx.device)
             out.setdefault("no_reward_signal", []).append(name)
         else:
             probe = fit_probe(x_fit, rewards.reshape(-1), groups, objective, lr=cfg.probe_lr,

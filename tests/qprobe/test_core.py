@@ -289,3 +289,17 @@ def test_closed_form_loss_gradients_equal_autograd(objective):
     (expected,) = torch.autograd.grad(loss, q)
     got = _loss_grad(objective, q.detach(), r, None if objective in ("mse", "bce") else valid, 0.6)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("hidden", [(), (8,)])
+def test_a_constant_probe_scores_alike_and_its_choice_is_pass_at_1(hidden):
+    from reweighting.qprobe import QProbe, evaluate_probe
+
+    probe = QProbe.constant(5, hidden)
+    features = torch.randn(3, 4, 5)
+    q = probe.score(features)
+    assert q.shape == (3, 4) and bool((q == 0).all())
+    rewards = torch.tensor([[1.0, 0, 0, 0], [0, 1, 1, 0], [1, 1, 1, 0]])
+    table = evaluate_probe(q, rewards, [4], [0.0, 0.1])
+    for beta in (0.0, 0.1):
+        assert table["expected_return"][beta][4] == pytest.approx(float(rewards.mean()))
