@@ -34,7 +34,7 @@ and untied), GPT-2 (``Conv1D`` layers) and an MLP with LayerScale vectors. Each 
 first checked against per-sample gradients, then ``SelfInfluence`` is timed against a plain
 forward+backward, the PRESENCE step against a plain step, and the peak memory of the norms and
 update against the plain forward+backward's (targets: 1.3x each). ``--profile`` prints the
-operations that take the time of the norms on each model.
+operations that take the time of the norms and of the PRESENCE step on each model.
 
 Run: ``python -m benchmarks.self_influence [--repeats 10] [--threads 1] [--smollm2] [--targets]``.
 """
@@ -374,11 +374,13 @@ def bench_target(name: str, model: nn.Module, loss_fn, inputs: tuple, broadcast,
 
 
 def profile_norms(name: str, model: nn.Module, loss_fn, inputs: tuple, broadcast, rows: int = 12) -> None:
-    """Print the operations that take the time of the norms (self CPU time), next to a plain forward+backward."""
+    """Print the operations that take the time of the norms and of the PRESENCE step (self CPU time), next
+    to a plain forward+backward and a plain step."""
     from torch.profiler import ProfilerActivity, profile
 
-    fns = variants(name, model, loss_fn, inputs, broadcast=broadcast, opacus=False)
-    for label in ("fwd+bwd", "SelfInfluence"):
+    fns = {**variants(name, model, loss_fn, inputs, broadcast=broadcast, opacus=False),
+           **steps(model, loss_fn, inputs, broadcast=broadcast)}
+    for label in ("fwd+bwd", "SelfInfluence", "plain step", "PRESENCE step"):
         fns[label]()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(3):
