@@ -28,6 +28,7 @@ from .stats import (
     DOES_NOT_HOLD,
     HOLDS,
     INCONCLUSIVE,
+    SMALLER_THAN_CLAIMED,
     UNDERPOWERED,
     Baseline,
     ClaimPart,
@@ -41,7 +42,8 @@ from .stats import (
 
 __all__ = ["Study", "StudyContext", "StudyOutcome", "Baseline", "ClaimPart", "check_baseline", "compare",
            "decide", "register", "all_studies", "get_study", "run_study", "summarize", "RESULTS_FILE",
-           "HOLDS", "DOES_NOT_HOLD", "INCONCLUSIVE", "UNDERPOWERED", "STUDIES_ENV", "discoverable", "Protocol",
+           "HOLDS", "DOES_NOT_HOLD", "INCONCLUSIVE", "UNDERPOWERED", "SMALLER_THAN_CLAIMED", "STUDIES_ENV",
+           "discoverable", "Protocol",
            "PartSpec", "Selection", "select_best", "selection_seeds", "perturb_initial_weights", "perturbation",
            "declared_compare"]
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from . import RESULTS_FILE
+from .report import load_results
+from .stats import DECIDED
 
 __all__ = ["SUMMARY_FILE", "START", "END", "PUBLISHED_FILES", "summarize_results", "render_tables", "replace_block",
            "publish"]
@@ -34,11 +36,7 @@ def summarize_results(out_dir: str | Path) -> dict[str, Any]:
     """The published summary of the results under ``out_dir`` (one entry per study, sorted by name)."""
     out = Path(out_dir)
     studies = []
-    for path in sorted(out.glob(f"*/{RESULTS_FILE}")):
-        try:
-            r = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); re-run that study") from err
+    for r in load_results(out):  # verdicts decided by the current rules
         baseline = r.get("baseline") or {}
         studies.append({
             "study": r["study"], "claim": r["claim"], "metric": r["metric"], "verdict": r["verdict"],
@@ -73,14 +71,14 @@ def render_tables(summary: dict[str, Any], parts: bool = True) -> str:
              "| study | verdict | parts decided | baseline check | seeds (selection) | protocol |",
              "|---|---|---|---|---|---|"]
     for s in studies:
-        decided = sum(p["verdict"] in ("holds", "does not hold") for p in s["parts"])
+        decided = sum(p["verdict"] in DECIDED for p in s["parts"])
         b = s["baseline"]
         base = "none" if not b else (f"{'passed' if b['healthy'] else 'FAILED'} ({_num(b['value'])} "
                                      f"{'>=' if b['higher_is_better'] else '<='} {_num(b['bar'])})")
         lines.append(f"| {s['study']} | **{s['verdict']}** | {decided} of {len(s['parts'])} | {base} | "
                      f"{s['seeds']} ({s['selection_seeds'] or 0}) | `{s['fingerprint'] or '-'}` |")
     total = sum(len(s["parts"]) for s in studies)
-    decided = sum(p["verdict"] in ("holds", "does not hold") for s in studies for p in s["parts"])
+    decided = sum(p["verdict"] in DECIDED for s in studies for p in s["parts"])
     if not parts:
         return "\n".join([*lines, "", f"{decided} of {total} parts decided; every part's margin, noise and "
                            "minimum detectable effect: [Studies](docs/studies/index.md#results)."])

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from . import RESULTS_FILE
+from .stats import HOLDS, Baseline, ClaimPart, decide
 
-__all__ = ["JOB_FILE", "load_results", "build_report", "plot_methods", "new_figure", "save_figure"]
+__all__ = ["JOB_FILE", "load_results", "redecide", "build_report", "plot_methods", "new_figure", "save_figure"]
 
 REPORT_FILE = "report.md"
 # What the last `reproduce` ran, on how many cores, and its wall time (written by the command line).
@@ -21,14 +22,42 @@ METHODS_PLOT = "methods.png"
 
 
 def load_results(out_dir: str | Path) -> list[dict[str, Any]]:
-    """Every ``<out_dir>/<study>/results.json``, sorted by study name."""
+    """Every ``<out_dir>/<study>/results.json``, sorted by study name, with its verdicts decided by
+    the current rules (:func:`redecide`)."""
     found = []
     for path in sorted(Path(out_dir).glob(f"*/{RESULTS_FILE}")):
         try:
-            found.append(json.loads(path.read_text()))
+            found.append(redecide(json.loads(path.read_text())))
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}); delete it or re-run that study") from err
     return found
+
+
+def redecide(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` (a ``results.json``) with each part's verdict and the study's decided again from the
+    recorded numbers (margin, noise, MDE, expected effect, tolerance, baseline) by the rules of
+    :mod:`.stats`. A verdict is a function of those numbers, so a run recorded under older rules reads
+    the same as one run today; where a verdict changed, the recorded one is kept beside it
+    (``verdict_recorded``)."""
+    if not record.get("parts"):
+        return record
+    parts = []
+    for stored in record["parts"]:
+        part = ClaimPart(name=stored["name"], margin=stored["margin"], noise=stored.get("noise"), n=stored["n"],
+                         kind=stored.get("kind", "better"), note=stored.get("note", ""), mde=stored.get("mde"),
+                         expected=stored.get("expected"), tolerance=stored.get("tolerance"))
+        new = part.as_dict()
+        if new["verdict"] != stored.get("verdict"):
+            new["verdict_recorded"] = stored.get("verdict")
+        parts.append({**stored, **new})
+    fields = record.get("baseline") or None
+    baseline = Baseline(**{k: v for k, v in fields.items() if k != "healthy"}) if fields else None
+    verdict = decide([ClaimPart(**{k: p[k] for k in ("name", "margin", "noise", "n", "kind", "mde", "expected",
+                                                     "tolerance")}) for p in parts], baseline)
+    out = {**record, "parts": parts, "verdict": verdict, "holds": verdict == HOLDS}
+    if verdict != record.get("verdict"):
+        out["verdict_recorded"] = record.get("verdict")
+    return out
 
 
 def new_figure(width: float = 6.0, height: float = 4.0):
@@ -164,9 +193,12 @@ def build_report(out_dir: str | Path, *, plots: bool = True) -> Path:
     else:
         lines += ["Verdicts: a part *holds* when its paired 95% interval over seeds lies on the claim's side "
                   "(for a 'not worse' part: above minus its declared tolerance), *does not hold* when it lies on "
-                  "the other side, is *underpowered* when undecided and its minimum detectable effect (MDE, 80% "
-                  "power) exceeds the effect it should have, and *inconclusive* otherwise. A study holds when all "
-                  "its parts hold and its baseline check passes.", "",
+                  "the other side, is *smaller than claimed* when its interval includes zero but lies wholly below "
+                  "the effect the paper reports (scaled to the setting), is *underpowered* when undecided and its "
+                  "minimum detectable effect (MDE, 80% power) exceeds the effect it should have, and *inconclusive* "
+                  "otherwise. A study holds when all its parts hold and its baseline check passes; it does not "
+                  "hold when one does not; it is inconclusive when one is undecided; else a part smaller than "
+                  "claimed makes it *smaller than claimed*.", "",
                   "| study | verdict | baseline | mode | seeds | wall s | CPU s |", "|---|---|---|---|---|---|---|"]
         for r in results:
             lines.append(

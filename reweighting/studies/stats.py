@@ -17,6 +17,11 @@ does not hold when ``margin + noise < -delta``, and is inconclusive in between; 
 cannot "hold" for want of evidence. A part given the effect it should have (``expected``: the
 paper's, scaled to the study's setting, or ``delta`` for non-inferiority) whose ``mde`` exceeds it
 and that is not decided is *underpowered*, not inconclusive: the study could not have seen it.
+
+A "better" part that is neither held nor refused but whose interval lies wholly below its expected
+effect (``margin + noise < expected``) is *smaller than claimed*: the data cannot say whether the
+method is better at all, but they exclude (at the one-sided 2.5% level) a gain as large as the
+paper's. That is a decision about the claim as the paper states it, and it is one whatever the power.
 """
 
 from __future__ import annotations
@@ -27,10 +32,14 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-__all__ = ["HOLDS", "DOES_NOT_HOLD", "INCONCLUSIVE", "UNDERPOWERED", "Baseline", "check_baseline", "ClaimPart",
-           "compare", "decide", "summarize", "t_quantile", "Selection", "select_best"]
+__all__ = ["HOLDS", "DOES_NOT_HOLD", "INCONCLUSIVE", "UNDERPOWERED", "SMALLER_THAN_CLAIMED", "DECIDED",
+           "Baseline", "check_baseline", "ClaimPart", "compare", "decide", "summarize", "t_quantile", "Selection",
+           "select_best"]
 
 HOLDS, DOES_NOT_HOLD, INCONCLUSIVE, UNDERPOWERED = "holds", "does not hold", "inconclusive", "underpowered"
+SMALLER_THAN_CLAIMED = "smaller than claimed"
+# The part verdicts that settle their question (the others say the seeds could not).
+DECIDED = (HOLDS, DOES_NOT_HOLD, SMALLER_THAN_CLAIMED)
 K = TypeVar("K", bound=Hashable)
 
 # Quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's).
@@ -134,6 +143,8 @@ class ClaimPart:
                 return DOES_NOT_HOLD
             if self.margin > noise:
                 return HOLDS
+            if self.expected is not None and self.noise is not None and self.margin + noise < self.expected:
+                return SMALLER_THAN_CLAIMED
         return UNDERPOWERED if self.underpowered else INCONCLUSIVE
 
     def as_dict(self) -> dict[str, Any]:
@@ -186,6 +197,8 @@ def decide(parts: Sequence[ClaimPart], baseline: Baseline | None = None) -> str:
         return DOES_NOT_HOLD
     if INCONCLUSIVE in verdicts or UNDERPOWERED in verdicts:
         return INCONCLUSIVE
+    if SMALLER_THAN_CLAIMED in verdicts:
+        return SMALLER_THAN_CLAIMED
     return HOLDS
 
 

@@ -17,7 +17,8 @@ def _write(folder, study, verdict, parts, fingerprint="f1", quick=False, perturb
     path.mkdir(parents=True, exist_ok=True)
     record = {"study": study, "verdict": verdict, "fingerprint": fingerprint, "quick": quick,
               "perturbation": perturbation,
-              "parts": [{"name": n, "verdict": v, "margin": m, "noise": 0.01} for n, v, m in parts]}
+              "parts": [{"name": n, "verdict": v, "margin": m, "noise": 0.01, "n": 5, "kind": "better", "mde": 0.014}
+                        for n, v, m in parts]}
     (path / "results.json").write_text(json.dumps(record))
 
 
@@ -40,7 +41,9 @@ def test_one_part_that_turns_is_a_disagreement(tmp_path, capsys):
     _write(b, "s", "holds", [("p1", "holds", 0.05), ("p2", "inconclusive", 0.003)])
     agreement = compare_runs(a, b)
     assert not agreement.agrees
-    assert [r.agrees for r in agreement.rows] == [True, True, False]
+    # the part turns, and with it the study's verdict (decided again from the recorded numbers)
+    assert [r.agrees for r in agreement.rows] == [False, True, False]
+    assert agreement.rows[0].verdict_b == "inconclusive"
     assert main(["agree", str(a), str(b)]) == 1
     assert "**NO**" in capsys.readouterr().out
 

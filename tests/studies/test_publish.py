@@ -107,3 +107,13 @@ def test_render_counts_decided_parts_and_marks_failed_baselines():
     text = render_tables(summary)
     assert "| s | **inconclusive** | 2 of 3 | FAILED (0.300 >= 0.500) | 5 (2) | `f` |" in text
     assert "2 of 3 parts decided" in text and "| s | p2 | underpowered | +0.010 | 0.050 | 0.070 |" in text
+
+
+def test_a_part_smaller_than_claimed_counts_as_decided():
+    summary = {"job": None, "studies": [{
+        "study": "s", "verdict": "smaller than claimed", "quick": False, "seeds": 5, "selection_seeds": 0,
+        "fingerprint": "f", "baseline": None,
+        "parts": [{"name": "p1", "verdict": "holds", "margin": 0.1, "noise": 0.05, "mde": 0.07},
+                  {"name": "p2", "verdict": "smaller than claimed", "margin": 0.0, "noise": 0.01, "mde": 0.014}]}]}
+    text = render_tables(summary)
+    assert "| s | **smaller than claimed** | 2 of 2 |" in text and "2 of 2 parts decided" in text

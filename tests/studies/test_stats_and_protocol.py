@@ -230,3 +230,63 @@ def test_threads_perturbation_adds_a_thread(tmp_path, monkeypatch):
     monkeypatch.delenv(PERTURB_ENV)
     run_study(study, out_dir=tmp_path, show_progress=False)
     assert seen == [2, 1] and r["perturbation"] == "threads" and r["config"]["threads"] == 2
+
+
+def test_a_gain_excluded_at_the_papers_size_is_smaller_than_claimed():
+    from reweighting.studies import SMALLER_THAN_CLAIMED, ClaimPart
+
+    near_zero = compare("x", [1.01, 0.99, 1.005, 0.995], [1.0, 1.0, 1.0, 1.0], expected=0.5)
+    assert near_zero.margin + near_zero.noise < 0.5 and near_zero.verdict == SMALLER_THAN_CLAIMED
+    # the interval reaches the expected effect: not excluded (a strict bound, like every other)
+    assert ClaimPart("x", margin=0.0, noise=0.1, n=5, mde=0.2, expected=0.1).verdict == UNDERPOWERED
+    assert ClaimPart("x", margin=0.0, noise=0.1, n=5, mde=0.2, expected=0.1000001).verdict == SMALLER_THAN_CLAIMED
+    # below zero on both sides still refuses the claim outright; a held part stays held
+    assert ClaimPart("x", margin=-0.05, noise=0.06, n=5, mde=0.08, expected=0.02).verdict == SMALLER_THAN_CLAIMED
+    assert ClaimPart("x", margin=-0.07, noise=0.06, n=5, mde=0.08, expected=0.02).verdict == DOES_NOT_HOLD
+    assert ClaimPart("x", margin=0.07, noise=0.06, n=5, mde=0.08, expected=0.5).verdict == HOLDS
+    # no interval (one seed), no expected effect, or a non-inferiority part: the rule does not apply
+    assert ClaimPart("x", margin=0.0, noise=None, n=1, expected=0.5).verdict == INCONCLUSIVE
+    assert ClaimPart("x", margin=0.0, noise=0.01, n=5, mde=0.014).verdict == INCONCLUSIVE
+    assert ClaimPart("x", margin=0.0, noise=0.1, n=5, mde=0.2, kind="not worse", tolerance=0.05,
+                     expected=1.0).verdict == UNDERPOWERED
+
+
+def test_a_study_is_smaller_than_claimed_only_when_nothing_else_decides_it():
+    from reweighting.studies import SMALLER_THAN_CLAIMED, ClaimPart
+
+    held = ClaimPart("a", margin=0.2, noise=0.05, n=5, mde=0.07)
+    smaller = ClaimPart("b", margin=0.0, noise=0.01, n=5, mde=0.014, expected=0.3)
+    undecided = ClaimPart("c", margin=0.0, noise=0.1, n=5, mde=0.14)
+    refused = ClaimPart("d", margin=-0.2, noise=0.05, n=5, mde=0.07)
+    assert decide([held, smaller]) == SMALLER_THAN_CLAIMED
+    assert decide([held, smaller, undecided]) == INCONCLUSIVE
+    assert decide([held, smaller, refused]) == DOES_NOT_HOLD
+    assert decide([held]) == HOLDS
+
+
+def test_recorded_verdicts_are_decided_again_by_the_current_rules(tmp_path):
+    import json
+
+    from reweighting.studies.report import load_results, redecide
+
+    part = {"name": "p", "margin": 0.0, "noise": 0.01, "n": 8, "kind": "better", "mde": 0.014, "expected": 0.3,
+            "tolerance": None, "verdict": "inconclusive", "note": ""}
+    record = {"study": "s", "verdict": "inconclusive", "holds": False, "parts": [part], "baseline": None}
+    again = redecide(record)
+    assert again["verdict"] == "smaller than claimed" and again["verdict_recorded"] == "inconclusive"
+    assert again["parts"][0]["verdict"] == "smaller than claimed"
+    assert again["parts"][0]["verdict_recorded"] == "inconclusive" and again["holds"] is False
+    # a failed baseline check still makes the study inconclusive
+    sick = {**record, "baseline": {"measure": "m", "value": 0.1, "bar": 0.5, "higher_is_better": True,
+                                   "healthy": False}}
+    assert redecide(sick)["verdict"] == "inconclusive" and "verdict_recorded" not in redecide(sick)
+    # an unchanged verdict carries no note, and a study without parts is left as recorded
+    held = {**part, "margin": 0.5, "verdict": "holds"}
+    same = redecide({**record, "parts": [held], "verdict": "holds", "holds": True})
+    assert same["verdict"] == "holds" and same["holds"] is True and "verdict_recorded" not in same
+    assert "verdict_recorded" not in same["parts"][0]
+    bare = {"study": "t", "verdict": "holds", "holds": True, "parts": []}
+    assert redecide(bare) == bare
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "results.json").write_text(json.dumps(record))
+    assert load_results(tmp_path)[0]["verdict"] == "smaller than claimed"
