@@ -290,3 +290,21 @@ def test_recorded_verdicts_are_decided_again_by_the_current_rules(tmp_path):
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "results.json").write_text(json.dumps(record))
     assert load_results(tmp_path)[0]["verdict"] == "smaller than claimed"
+
+
+def test_a_recorded_hold_the_numbers_do_not_support_is_no_longer_a_hold(tmp_path):
+    import json
+
+    from reweighting.studies.publish import summarize_results
+    from reweighting.studies.report import redecide
+
+    part = {"name": "p", "margin": 0.001, "noise": 0.05, "n": 5, "kind": "better", "mde": 0.07, "expected": None,
+            "tolerance": None, "verdict": "holds", "note": ""}
+    record = {"study": "s", "claim": "c", "metric": "m", "verdict": "holds", "holds": True, "quick": False,
+              "config": {"seeds": 5}, "parts": [part], "baseline": None, "seconds": 1.0}
+    again = redecide(record)
+    assert again["holds"] is False and again["verdict"] == "inconclusive" and again["verdict_recorded"] == "holds"
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "results.json").write_text(json.dumps(record))
+    published = summarize_results(tmp_path)["studies"][0]
+    assert published["verdict"] == "inconclusive" and published["parts"][0]["verdict"] == "inconclusive"
