@@ -293,13 +293,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not any(Path(args.out).glob("*/results.json")):
         raise UsageError(f"--out {args.out} holds no results (no <study>/results.json in it); run "
                          f"'reweighting reproduce --out {args.out}' first")
+    if args.rerun is not None and args.publish is None:
+        raise UsageError("--rerun goes with --publish (it sets a second run's verdicts beside the published ones)")
     print(build_report(Path(args.out)))
     if args.publish is not None:
         from .studies.publish import publish
 
         if not Path(args.publish).is_dir():
             raise UsageError(f"--publish {args.publish} is not a folder (the repository root to publish into)")
-        for path in publish(args.out, args.publish):
+        if args.rerun is not None and not Path(args.rerun).is_dir():
+            raise UsageError(f"--rerun {args.rerun} is not a folder (the --out of a second 'reweighting reproduce')")
+        try:
+            written = publish(args.out, args.publish, args.rerun)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        for path in written:
             print(f"published: {path}")
     return 0
 
@@ -369,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write ROOT/docs/results.json and regenerate the results tables of ROOT/README.md "
                         "and ROOT/docs/studies/index.md from it (ROOT: the repository, '.' when given without a value; "
                         "default: not published)")
+    p.add_argument("--rerun", default=None, metavar="DIR",
+                   help="with --publish: a second run of the same protocols (e.g. with --perturb ulp) whose verdicts "
+                        "the published tables set beside these (default: none)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("agree", help="compare the verdicts of two runs, study by study and part by part",

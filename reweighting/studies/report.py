@@ -13,7 +13,8 @@ from typing import Any
 from . import RESULTS_FILE
 from .stats import HOLDS, Baseline, ClaimPart, decide
 
-__all__ = ["JOB_FILE", "load_results", "redecide", "build_report", "plot_methods", "new_figure", "save_figure"]
+__all__ = ["JOB_FILE", "load_results", "load_result", "redecide", "build_report", "plot_methods", "new_figure",
+           "save_figure"]
 
 REPORT_FILE = "report.md"
 # What the last `reproduce` ran, on how many cores, and its wall time (written by the command line).
@@ -24,13 +25,16 @@ METHODS_PLOT = "methods.png"
 def load_results(out_dir: str | Path) -> list[dict[str, Any]]:
     """Every ``<out_dir>/<study>/results.json``, sorted by study name, with its verdicts decided by
     the current rules (:func:`redecide`)."""
-    found = []
-    for path in sorted(Path(out_dir).glob(f"*/{RESULTS_FILE}")):
-        try:
-            found.append(redecide(json.loads(path.read_text())))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); delete it or re-run that study") from err
-    return found
+    return [load_result(path.parent) for path in sorted(Path(out_dir).glob(f"*/{RESULTS_FILE}"))]
+
+
+def load_result(folder: str | Path) -> dict[str, Any]:
+    """``folder/results.json`` (one study's), its verdicts decided by the current rules."""
+    path = Path(folder) / RESULTS_FILE
+    try:
+        return redecide(json.loads(path.read_text()))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it or re-run that study") from err
 
 
 def redecide(record: dict[str, Any]) -> dict[str, Any]:

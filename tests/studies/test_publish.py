@@ -117,3 +117,38 @@ def test_a_part_smaller_than_claimed_counts_as_decided():
                   {"name": "p2", "verdict": "smaller than claimed", "margin": 0.0, "noise": 0.01, "mde": 0.014}]}]}
     text = render_tables(summary)
     assert "| s | **smaller than claimed** | 2 of 2 |" in text and "2 of 2 parts decided" in text
+
+
+def test_publish_sets_a_reruns_verdicts_beside_and_says_where_they_differ(tmp_path, monkeypatch, capsys):
+    register(TOY)
+    out, rerun = tmp_path / "results", tmp_path / "rerun"
+    assert main(["reproduce", "toy-publish", "--out", str(out), "--no-progress", "--jobs", "1"]) == 0
+    assert main(["reproduce", "toy-publish", "--out", str(rerun), "--no-progress", "--jobs", "1",
+                 "--perturb", "ulp"]) == 0
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    (root / "README.md").write_text(f"{START}\n{END}\n")
+    assert main(["report", "--out", str(out), "--publish", str(root), "--rerun", str(rerun)]) == 0
+    entry = json.loads((root / SUMMARY_FILE).read_text())["studies"][0]
+    assert entry["rerun"] == {"perturbation": "ulp", "verdict": "holds", "parts": {"a > b": "holds"}}
+    assert "| `" + PROTO.fingerprint() + "` | yes (ulp) |" in (root / "README.md").read_text()
+    assert "| toy-publish | a > b | holds | +0.490 | " in render_tables(json.loads((root / SUMMARY_FILE).read_text()))
+    # a rerun whose part turned: the study row says so, and the part's row shows the rerun's verdict
+    path = rerun / "toy-publish" / "results.json"
+    record = json.loads(path.read_text())
+    record["parts"][0]["margin"] = -1.0
+    path.write_text(json.dumps(record))
+    summary = summarize_results(out, rerun)
+    assert summary["studies"][0]["rerun"]["verdict"] == "does not hold"
+    text = render_tables(summary)
+    assert "**no** (ulp: does not hold, 0 of 1 parts agree)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| toy-publish | a > b |"))
+    assert row.startswith("| toy-publish | a > b | holds |") and row.endswith("| does not hold |")
+    # without a rerun the tables say so; --rerun alone, or a rerun of another protocol, is refused
+    assert "not rerun" in render_tables(summarize_results(out))
+    assert main(["report", "--out", str(out), "--rerun", str(rerun)]) == 2
+    assert "--rerun goes with --publish" in capsys.readouterr().err
+    record["fingerprint"] = "0" * 16
+    path.write_text(json.dumps(record))
+    assert main(["report", "--out", str(out), "--publish", str(root), "--rerun", str(rerun)]) == 2
+    assert "different protocols" in capsys.readouterr().err
