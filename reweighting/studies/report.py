@@ -150,6 +150,19 @@ def _protocol_lines(r: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _redecided_lines(r: dict[str, Any]) -> list[str]:
+    """A note where the current rules read the recorded numbers otherwise than the run did (the
+    study's own summary below was written with the verdicts it recorded)."""
+    changed = [p for p in r.get("parts", []) if "verdict_recorded" in p]
+    if "verdict_recorded" not in r and not changed:
+        return []
+    parts = "; ".join(f"{p['name']}: {p['verdict_recorded']} -> {p['verdict']}" for p in changed)
+    study = (f"the study {r['verdict_recorded']} -> {r['verdict']}" if "verdict_recorded" in r
+             else "the study's verdict unchanged")
+    return [f"**Decided again by the current rules** (the summary below keeps the run's own words): {study}"
+            + (f"; {parts}" if parts else "") + ".", ""]
+
+
 def _study_section(r: dict[str, Any]) -> str:
     arrow = "lower is better" if r["lower_is_better"] else "higher is better"
     lines = [
@@ -162,6 +175,7 @@ def _study_section(r: dict[str, Any]) -> str:
         f" {r['seconds']:.0f} s wall, {r.get('cpu_seconds', float('nan')):.0f} s CPU on"
         f" {r['config'].get('device', '?')})",
         "",
+        *_redecided_lines(r),
         f"**Baseline:** {_baseline_cell(r)}" + (f": {r['baseline']['measure']}" if r.get("baseline") else ""),
         "",
         *_parts_table(r),

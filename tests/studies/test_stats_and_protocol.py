@@ -308,3 +308,22 @@ def test_a_recorded_hold_the_numbers_do_not_support_is_no_longer_a_hold(tmp_path
     (tmp_path / "s" / "results.json").write_text(json.dumps(record))
     published = summarize_results(tmp_path)["studies"][0]
     assert published["verdict"] == "inconclusive" and published["parts"][0]["verdict"] == "inconclusive"
+
+
+def test_the_report_says_where_a_verdict_was_decided_again(tmp_path):
+    import json
+
+    from reweighting.studies.report import build_report
+
+    part = {"name": "p", "margin": 0.0, "noise": 0.01, "n": 8, "kind": "better", "mde": 0.014, "expected": 0.3,
+            "tolerance": None, "verdict": "inconclusive", "note": ""}
+    record = {"study": "s", "claim": "c", "metric": "m", "lower_is_better": False, "verdict": "inconclusive",
+              "holds": False, "quick": False, "parts": [part], "baseline": None, "seconds": 1.0, "cpu_seconds": 1.0,
+              "config": {"seeds": 8}, "methods": {"a": {"mean": 1.0, "std": 0.0, "n": 8}}, "summary": "inconclusive"}
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "results.json").write_text(json.dumps(record))
+    text = build_report(tmp_path, plots=False).read_text()
+    assert ("**Decided again by the current rules** (the summary below keeps the run's own words): the study "
+            "inconclusive -> smaller than claimed; p: inconclusive -> smaller than claimed.") in text
+    (tmp_path / "s" / "results.json").write_text(json.dumps({**record, "parts": [{**part, "expected": None}]}))
+    assert "Decided again" not in build_report(tmp_path, plots=False).read_text()
