@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import Study, StudyContext, StudyOutcome
-from .protocol import Protocol
+from .protocol import Protocol, perturbation
 from .qprobe_eval import SampleSet, declare_parts, fit_and_evaluate
 from .qprobe_report import summarize_runs
 
@@ -159,6 +159,9 @@ def run_smollm2(cfg: SmolConfig, ctx: StudyContext, protocol: Protocol | None = 
     start = time.process_time()
     settings = {"layer": cfg.layer, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                 "top_k": cfg.top_k, "seed": cfg.pool_seed}
+    if perturbation() is not None:
+        # a perturbed run samples its own pool: a cached one would carry the unperturbed rounding over
+        settings["perturbation"] = perturbation()
     pool = pooled_samples([q for q, _ in qa], cfg.pool, settings=settings, model_id=model_id, load=load, cache=cache,
                           model_box=box, progress=lambda it, desc: ctx.progress(it, desc=desc))
     sampling_cpu_s = time.process_time() - start

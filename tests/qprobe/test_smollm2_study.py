@@ -196,3 +196,9 @@ def test_smollm2_study_pipeline_and_cache(tmp_path):
     assert second.methods == first.methods
     # the two seeds are different replicates: they test different questions
     assert first.details["test_question_overlap_between_seeds"] < 1.0
+    # a perturbed run samples its own pool (the cached one carries the unperturbed rounding)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REWEIGHTING_PERTURB", "threads")
+        perturbed = run_smollm2(SMOKE, ctx, load=load, model_id="tiny", cache=cache, qa=qa)
+    assert loads == [1, 1] and perturbed.config["sampled_now"]
+    assert len(list(cache.glob("*.pt"))) == 40
