@@ -25,7 +25,7 @@ class _Handler(BaseHTTPRequestHandler):
     only for the first text of a batch and, for the others, vectors read from the wrong place
     (llama-cpp-python's batched ``/embeddings``); ``models`` is the list ``GET /v1/models`` answers
     (``None``: 404, a server that lists none); ``reply_model`` the ``model`` field of every reply
-    (``None``: none); ``redirects`` maps a path to ``(status, location)``."""
+    (``None``: none); ``redirects`` maps a path (GET or POST) to ``(status, location)``."""
 
     def log_message(self, *args):  # keep test output quiet
         pass
@@ -38,8 +38,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _redirect(self) -> bool:
+        if self.path not in self.server.redirects:
+            return False
+        code, location = self.server.redirects[self.path]
+        self.send_response(code)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return True
+
     def do_GET(self):
         self.server.requests.append((self.path, self.headers.get("Authorization"), None, "GET"))
+        if self._redirect():
+            return
         if self.path == "/v1/models" and self.server.models is not None:
             self._answer({"object": "list", "data": [{"id": m, "object": "model"} for m in self.server.models]})
         else:
@@ -53,12 +65,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests.append((self.path, self.headers.get("Authorization"), body, "POST"))
-        if self.path in self.server.redirects:
-            code, location = self.server.redirects[self.path]
-            self.send_response(code)
-            self.send_header("Location", location)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+        if self._redirect():
             return
         if self.path == "/v1/chat/completions":
             prompt = body["messages"][-1]["content"]
@@ -343,13 +350,13 @@ class _BrokenHandler(socketserver.StreamRequestHandler):
             return  # closes the connection without a word
         if mode == "slow":
             time.sleep(1.5)
-        body = b'{"data": "\xff\xfe"}' if mode == "utf8" else b'{"data": []}'
+        body = {"utf8": b'{"data": "\xff\xfe"}', "html": b"<html>502 Bad Gateway</html>"}.get(mode, b'{"data": []}')
         self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
                          + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
 @pytest.mark.parametrize("mode, words", [("utf8", "not UTF-8"), ("drop", "closed the connection"),
-                                         ("slow", "within timeout = 0.3 s")])
+                                         ("slow", "within timeout = 0.3 s"), ("html", "did not answer JSON")])
 def test_a_broken_server_gives_an_api_error_naming_the_url(mode, words):
     from reweighting.qprobe import APIError
 
