@@ -24,7 +24,8 @@ within 1 %), and when they differ warns once and sends one text per request from
 The model asked for must be the one that answers: on first use of a model name the client asks
 ``/models`` and raises when the server lists its models and that name is not among them (a server
 that does not list models is not checked), and any reply whose ``model`` field names another model
-raises (a dated snapshot, ``<model>-<suffix>``, counts as the same). ``check_model=False`` turns
+raises (a dated or numbered snapshot, ``<model>-<digits...>`` such as ``gpt-4o-2024-08-06``, counts
+as the same; ``gpt-4o-mini`` for ``gpt-4o`` does not). ``check_model=False`` turns
 both checks off.
 
 A server that cannot be reached, times out, drops the connection, or answers something that is not
@@ -110,6 +111,13 @@ def sample_and_embed(
         raise ValueError(f"embed returned vectors of different sizes {sorted(dims)}")
     return Samples(prompts=list(prompts), completions=completions, features=torch.stack(features),
                    finish=[["api"] * k for _ in prompts])
+
+
+def _is_snapshot(answered: str, asked: str) -> bool:
+    """Whether ``answered`` is a dated or numbered snapshot of ``asked``: ``asked-`` then a digit
+    (``gpt-4o-2024-08-06``, ``gpt-4-0613``); another model of the family (``gpt-4o-mini``) is not."""
+    suffix = answered[len(asked) + 1:]
+    return answered.startswith(f"{asked}-") and suffix[:1].isdigit()
 
 
 class APIError(RuntimeError):
@@ -262,7 +270,7 @@ class OpenAICompatible:
                                "(or check_model=False)")
             self._checked_models.add(asked)
         answered = reply.get("model") if isinstance(reply, dict) else None
-        if isinstance(answered, str) and answered != asked and not answered.startswith(f"{asked}-"):
+        if isinstance(answered, str) and answered != asked and not _is_snapshot(answered, asked):
             raise APIError(f"{self.base_url}{path} answered with the model {answered!r} when {asked!r} was asked "
                            "for (check_model=False to accept it)")
 

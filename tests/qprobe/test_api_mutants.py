@@ -185,10 +185,13 @@ def test_an_unreachable_server_is_an_api_error_naming_the_url():
 # --- the model that answers
 
 
-def test_a_longer_model_name_is_another_model_only_a_dash_suffix_is_a_snapshot():
-    with loopback_server(reply_model="m2") as server:
-        with pytest.raises(APIError, match="answered with the model 'm2' when 'm' was asked"):
+@pytest.mark.parametrize("answered", ["m2", "m-mini", "m-", "mx-2024"])
+def test_a_longer_model_name_is_another_model_only_a_numbered_suffix_is_a_snapshot(answered):
+    with loopback_server(reply_model=answered) as server:
+        with pytest.raises(APIError, match=f"answered with the model '{answered}' when 'm' was asked"):
             _client(server, check_model=True).sample("q", 1)
+    with loopback_server(reply_model="m-0613") as server:
+        assert _client(server, check_model=True).sample("q", 1)
 
 
 # --- replies
