@@ -217,7 +217,7 @@ STUDY = Study(
     quick_seeds=QUICK_PROTOCOL.seeds,
     full_only=True,  # about an hour of CPU together with its pair: reproduce --full
     cores=2,  # a pool of worker processes, one training run each
-    cost=1100,
+    cost=2660,  # CPU seconds of the full run (measured)
     protocol=lambda quick: QUICK_PROTOCOL if quick else PROTOCOL,
     description="loss-based reweighting (LinUpper, Quadratic) vs uniform on a byte-level GPT with near-duplicated "
                 "boilerplate",

@@ -129,7 +129,7 @@ STUDY = Study(
     quick_seeds=QUICK_PROTOCOL.seeds,
     full_only=True,  # about an hour of CPU together with its pair: reproduce --full
     cores=2,  # a pool of worker processes, one training run each
-    cost=650,
+    cost=1300,  # CPU seconds of the full run (measured)
     protocol=lambda quick: QUICK_PROTOCOL if quick else PROTOCOL,
     description="loss-based reweighting of packed documents vs of whole rows vs uniform on a byte-level GPT",
 )

@@ -10,8 +10,8 @@ tasks run in this process.
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, TypeVar
 
 import torch
@@ -34,19 +34,24 @@ def pool_size(tasks: int) -> int:
     return max(1, min(tasks, available_cores()))
 
 
-def pool_map(fn: Callable[..., T], args: Sequence[tuple[Any, ...]], workers: int | None = None) -> list[T]:
+def pool_map(fn: Callable[..., T], args: Sequence[tuple[Any, ...]], workers: int | None = None,
+             progress: Callable[[Iterable[Any], str], Iterable[Any]] | None = None, desc: str = "tasks") -> list[T]:
     """``[fn(*a) for a in args]``, in ``workers`` processes (default :func:`pool_size`), in order.
 
-    ``fn`` must be a module-level function and its arguments and results picklable.
+    ``fn`` must be a module-level function and its arguments and results picklable. ``progress``
+    (e.g. ``StudyContext.progress``) wraps the tasks as they finish, labelled ``desc``.
     """
+    show = progress or (lambda it, _desc: it)
     workers = pool_size(len(args)) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers!r}")
     if workers == 1 or len(args) <= 1:
-        return [fn(*a) for a in args]
+        return [fn(*a) for a in show(args, desc)]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
         futures = [pool.submit(fn, *a) for a in args]
+        for _ in show(as_completed(futures), desc):  # results are read in order below
+            pass
         return [f.result() for f in futures]
 
 

@@ -18,3 +18,17 @@ def test_pool_size_keeps_to_the_cores_given(monkeypatch):
     assert pool_size(5) == 2 and pool_size(1) == 1 and pool_size(0) == 1
     monkeypatch.setenv(CORES_ENV, "8")
     assert pool_size(3) == 3
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pool_map_shows_each_task_as_it_finishes_and_keeps_the_order(workers):
+    seen = []
+
+    def progress(items, desc):
+        for item in items:
+            seen.append(desc)
+            yield item
+
+    tasks = [(2, 3), (3, 2), (5, 0), (2, 10)]
+    assert pool_map(pow, tasks, workers=workers, progress=progress, desc="seeds") == [8, 9, 1, 1024]
+    assert seen == ["seeds"] * len(tasks)
