@@ -100,12 +100,17 @@ def main(argv: list[str] | None = None) -> int:
         wait_until_up(base, server, args.startup_timeout)
         return workflow(base, args)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """End the server: SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def workflow(base: str, args: argparse.Namespace) -> int:

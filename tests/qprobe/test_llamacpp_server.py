@@ -47,12 +47,7 @@ def server(example):
         example["wait_until_up"](base, process, 180.0)
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        example["stop"](process)
 
 
 def test_features_from_a_real_server_equal_one_text_per_request(server):
