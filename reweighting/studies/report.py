@@ -47,6 +47,10 @@ def redecide(record: dict[str, Any]) -> dict[str, Any]:
         return record
     parts = []
     for stored in record["parts"]:
+        missing = [k for k in ("name", "margin", "n") if k not in stored]
+        if missing:
+            raise ValueError(f"study {record.get('study')!r}: a recorded part lacks {missing}, so its verdict "
+                             "cannot be decided again; re-run that study")
         part = ClaimPart(name=stored["name"], margin=stored["margin"], noise=stored.get("noise"), n=stored["n"],
                          kind=stored.get("kind", "better"), note=stored.get("note", ""), mde=stored.get("mde"),
                          expected=stored.get("expected"), tolerance=stored.get("tolerance"))

@@ -327,3 +327,11 @@ def test_the_report_says_where_a_verdict_was_decided_again(tmp_path):
             "inconclusive -> smaller than claimed; p: inconclusive -> smaller than claimed.") in text
     (tmp_path / "s" / "results.json").write_text(json.dumps({**record, "parts": [{**part, "expected": None}]}))
     assert "Decided again" not in build_report(tmp_path, plots=False).read_text()
+
+
+def test_a_recorded_part_without_its_numbers_is_a_clear_error():
+    from reweighting.studies.report import redecide
+
+    record = {"study": "s", "verdict": "holds", "parts": [{"name": "p", "margin": 0.1, "verdict": "holds"}]}
+    with pytest.raises(ValueError, match=r"study 's': a recorded part lacks \['n'\]"):
+        redecide(record)
