@@ -34,7 +34,12 @@ class Config:
     dim: int = 64
     layers: int = 2
     heads: int = 4
-    lrs: tuple[float, ...] = (6e-3, 1.2e-2)
+    # One learning rate, fixed before the evidence runs: in the six lr selections of the pilot runs
+    # (evidence seeds 0-4, selection seeds 1000-1001; two settings, uniform and the claim's methods,
+    # a plain run and a 1-ulp rerun) 1.2e-2 was the best of (6e-3, 1.2e-2) or within 0.01 nats/byte
+    # of it every time, and the winner flipped between the runs on gaps of 0.0004-0.005: a choice
+    # that a rounding perturbation turns cannot be made on two seeds, and with it went the verdict.
+    lrs: tuple[float, ...] = (1.2e-2,)
     temperature: float = 0.4
     # the paper's uniform warm-up before the reweighting starts, as a share of the steps
     warmup_share: float = 0.1
@@ -50,7 +55,7 @@ class Config:
     # Packed mode: each row holds several short documents (lengths uniform in ``doc_len``), a
     # ``duplicate_share`` of them near-duplicate boilerplate.
     doc_len: tuple[int, int] = (12, 40)
-    packed_lrs: tuple[float, ...] = (6e-3, 1.2e-2)
+    packed_lrs: tuple[float, ...] = (1.2e-2,)  # fixed as ``lrs`` (the packed pilots: the same picture)
     # the n-gram baseline's order and add-alpha grid (chosen on the validation windows)
     ngram_orders: tuple[int, ...] = (3, 4)
     ngram_alphas: tuple[float, ...] = (0.03, 0.1)
