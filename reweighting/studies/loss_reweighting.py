@@ -191,7 +191,7 @@ def run_with(ctx: StudyContext, cfg: Config, proto: Protocol) -> StudyOutcome:
                           + (f"{p.noise:.3f} | {p.mde:.3f}" if p.noise is not None else "n/a | n/a")
                           + f" | {p.n} |")
     rows = [f"| {s} | {m} | {lr_of[s][m]:g} | "
-            + (f"{chosen[s][m].stability:.2f}" if m in SELECTED and len(cfg.lrs) > 1 else "-")
+            + (chosen[s][m].describe_stability() if m in SELECTED and len(cfg.lrs) > 1 else "-")
             + f" | {summarize(test[s][m])['mean']:.3f} ± {summarize(test[s][m])['std']:.3f} |"
             for s in SETTINGS for m in METHODS]
     summary = "\n".join([

@@ -48,8 +48,10 @@ def summary(*, selected, final, epochs, noises, parts, final_parts, baseline, ve
         lines.append(f"| {p.name} | {p.verdict} | {_points(p.margin)} | {_points(p.noise, False)} |")
     scores = ", ".join(f"{k}: {100 * v:.2f}" for k, v in selection.scores.items())
     lines += ["", f"Weight decay chosen on {selection.seeds} selection seed(s): **{selection.chosen}** (mean "
-              f"noisy-validation accuracy, %: {scores}); the same choice in {100 * selection.stability:.0f}% of "
-              f"{selection.resamples} bootstrap resamples of the selection seeds.", "",
+              f"noisy-validation accuracy, %: {scores}); "
+              + (f"the same choice in {100 * selection.stability:.0f}% of {selection.resamples} bootstrap resamples "
+                 "of the selection seeds." if selection.stability is not None else "one selection seed: no "
+                 "stability figure."), "",
               "Per setting, RENT minus each method (points, selected epoch; mean ± noise over seeds; RENT ahead in "
               "k of n seeds). Settings share seeds, so these rows are not independent of one another:", "",
               "| noise | " + " | ".join(f"vs {o}" for o in OTHERS) + " |", "|---" * (len(OTHERS) + 1) + "|"]

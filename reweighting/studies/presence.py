@@ -314,7 +314,7 @@ def run_with(ctx: StudyContext, cfg: Config, protocol: Protocol | None = None) -
              *[f"| {c} | " + " | ".join(f"{row[s]:.3f}" for s in ASSUMPTION_SCOPES) + " |"
                for c, row in mean_table.items()], "",
              f"Selected setting (best other than the own): **{corruption}, K = {scope}**, chosen with bootstrap "
-             f"stability {selection.stability:.2f} over {selection.seeds} selection seed(s).", "",
+             f"stability {selection.describe_stability()} over {selection.seeds} selection seed(s).", "",
              "| part of the claim | verdict | margin | noise | MDE | expected | seeds |",
              "|---|---|---|---|---|---|---|"]
     for part in parts:

@@ -122,7 +122,9 @@ def summarize_runs(cfg, protocol: Protocol, runs: list[dict], ctx: StudyContext,
     lines.append(f"| {k_max}, beta {PAPER_BETA} (paper) | {_mean(base):.3f} | "
                  + " | ".join(f"{_mean(_at(runs, n, k_max, PAPER_BETA)):.3f}" for n in probes)
                  + f" | {_mean(oracle):.3f} |")
-    stability = {n: {k: _mean([r["beta_stability"][n][k] for r in runs]) for k in cfg.ks} for n in probes}
+    # None where a seed had one validation prompt (no resampling can move that choice)
+    stability = {n: {k: _mean([v for r in runs if (v := r["beta_stability"][n][k]) is not None] or [math.nan])
+                     for k in cfg.ks} for n in probes}
     chosen = {n: [r["tuned_beta"][n][k_max] for r in runs] for n in probes}
     lines += ["", f"Beta chosen at k = {k_max} per seed (stability: share of bootstrap resamples of the "
               "validation prompts that pick the same beta, mean over seeds): "

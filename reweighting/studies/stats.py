@@ -208,18 +208,23 @@ class Selection:
 
     ``stability`` is the share of ``resamples`` bootstrap draws of the selection seeds (with
     replacement) whose mean score picks the same value: 1.0 means no resampling of those seeds
-    changes the choice; near ``1 / len(candidates)`` means the choice is a coin toss.
+    changes the choice; near ``1 / len(candidates)`` means the choice is a coin toss. With one
+    selection seed it is None: every resample is that seed, so a share of 1.0 would say nothing.
     """
 
     chosen: Any
     scores: dict[str, float]
-    stability: float
+    stability: float | None
     seeds: int
     resamples: int
 
     def as_dict(self) -> dict[str, Any]:
         return {"chosen": self.chosen, "mean_scores": self.scores, "stability": self.stability,
                 "selection_seeds": self.seeds, "resamples": self.resamples}
+
+    def describe_stability(self) -> str:
+        """``"0.93"``, or why there is no figure (one selection seed)."""
+        return "n/a (one selection seed)" if self.stability is None else f"{self.stability:.2f}"
 
 
 def _argbest(means: Mapping[K, float], order: Sequence[K], lower_is_better: bool) -> K:
@@ -259,6 +264,9 @@ def select_best(scores: Mapping[K, Sequence[float]], *, lower_is_better: bool = 
 
     means = {c: sum(map(float, v)) / n for c, v in scores.items()}
     chosen = pick(means)
+    if n == 1:
+        return Selection(chosen=chosen, scores={str(c): m for c, m in means.items()}, stability=None, seeds=1,
+                         resamples=0)
     rng = random.Random(seed)
     same = 0
     for _ in range(resamples):

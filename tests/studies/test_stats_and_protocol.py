@@ -133,6 +133,7 @@ def test_select_best_mean_stability_and_preference():
     # the declared default survives a near-tie within the tolerance, not a clear loss
     assert select_best(close, prefer="b", tolerance=0.05).chosen == "b"
     assert select_best(scores, prefer="c", tolerance=0.05).chosen == "a"
+
     assert select_best(scores, prefer="c", tolerance=0.6).chosen == "c"
     # a lead of exactly the tolerance does not move the choice; a hair more does
     assert select_best({"a": [1.0], "b": [1.5]}, prefer="b", tolerance=0.5).chosen == "b"
@@ -147,6 +148,14 @@ def test_select_best_mean_stability_and_preference():
         select_best(scores, prefer="z")
     with pytest.raises(ValueError, match="tolerance"):
         select_best(scores, tolerance=-1.0)
+
+
+def test_select_best_on_one_seed_has_no_stability_figure():
+    # every bootstrap resample of one seed is that seed: a share of 1.0 would claim a stability never tested
+    s = select_best({"a": [1.0], "b": [2.0]})
+    assert s.chosen == "a" and s.stability is None and s.seeds == 1 and s.resamples == 0
+    assert s.describe_stability() == "n/a (one selection seed)"
+    assert select_best({"a": [1.0, 1.1], "b": [2.0, 2.1]}).describe_stability() == "1.00"
 
 
 def test_selection_seeds_are_disjoint_from_evidence_seeds():
