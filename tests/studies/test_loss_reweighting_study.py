@@ -174,3 +174,29 @@ def test_packed_study_weights_documents(tmp_path):
     share = {m: v[0] for m, v in outcome.details["duplicate_weight_share"].items()}
     assert 0 < share["uniform"] < 1 and outcome.details["documents_per_row"] >= 2
     assert [p.name for p in outcome.parts] == [p.name for p in proto.parts]
+
+
+def test_full_protocols_fix_one_lr_from_the_pilots_and_start_past_their_seeds():
+    # the pilots' lr choice flipped under a 1-ulp rerun: the full runs declare one rate and no selection seeds
+    for proto, lrs in ((S.PROTOCOL, S.FULL.lrs), (P.PROTOCOL, S.FULL.packed_lrs)):
+        assert len(lrs) == 1 and proto.selection_seeds == 0
+        assert proto.selection[0].startswith(f"one learning rate for every method and setting, {lrs[0]:g}, fixed")
+        assert min(proto.evidence_seeds()) >= 5  # the pilots ran evidence seeds 0-4
+    # with several candidates the rule is the selection, on selection seeds
+    assert S.SMOKE_PROTOCOL.selection[0].startswith("uniform's lr per setting from")
+    assert S.lr_rule((1e-3, 2e-3), "the rule") == "the rule"
+    assert "fixed" in S.lr_rule((1e-3,), "the rule")
+
+
+def test_one_fixed_lr_runs_without_selection(tmp_path):
+    from dataclasses import replace
+
+    cfg = replace(S.SMOKE, lrs=(6e-3,), steps=4, eval_sequences=8)
+    proto = S.protocol(cfg, seeds=2, selection=0, first_seed=100)
+    ctx = StudyContext(quick=True, seeds=proto.evidence_seeds(), out_dir=tmp_path, device=torch.device("cpu"),
+                       show_progress=False)
+    out = S.run_with(ctx, cfg, proto)
+    assert out.config["chosen_lr"] == {s: {m: 6e-3 for m in S.SELECTED} for s in S.SETTINGS}
+    assert "on 2 evidence seeds (100-101); one learning rate, 0.006, fixed before the run" in out.summary
+    assert all(v["selection_seeds"] == 1 and v["stability"] is None  # nothing was chosen, nothing resampled
+               for s in S.SETTINGS for v in out.details["selection"][s].values())
