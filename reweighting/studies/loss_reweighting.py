@@ -232,7 +232,7 @@ STUDY = Study(
     quick_seeds=QUICK_PROTOCOL.seeds,
     full_only=True,  # about an hour of CPU together with its pair: reproduce --full
     cores=2,  # a pool of worker processes, one training run each
-    cost=2800,  # CPU seconds of the full run (48 runs of about 58 CPU-s each, measured per run)
+    cost=2050,  # CPU seconds of the full run (measured: 2076 and 2016 in two runs)
     protocol=lambda quick: QUICK_PROTOCOL if quick else PROTOCOL,
     description="loss-based reweighting (LinUpper, Quadratic) vs uniform on a byte-level GPT with near-duplicated "
                 "boilerplate",

@@ -132,7 +132,7 @@ STUDY = Study(
     quick_seeds=QUICK_PROTOCOL.seeds,
     full_only=True,  # about an hour of CPU together with its pair: reproduce --full
     cores=2,  # a pool of worker processes, one training run each
-    cost=1400,  # CPU seconds of the full run (24 runs of about 59 CPU-s each, measured per run)
+    cost=1170,  # CPU seconds of the full run (measured: 1147 and 1185 in two runs)
     protocol=lambda quick: QUICK_PROTOCOL if quick else PROTOCOL,
     description="loss-based reweighting of packed documents vs of whole rows vs uniform on a byte-level GPT",
 )
