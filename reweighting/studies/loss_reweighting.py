@@ -24,6 +24,7 @@ from dataclasses import asdict
 from . import (
     PartSpec,
     Protocol,
+    Selection,
     Study,
     StudyContext,
     StudyOutcome,
@@ -167,9 +168,8 @@ def run_with(ctx: StudyContext, cfg: Config, proto: Protocol) -> StudyOutcome:
         selection_runs = run_jobs(ctx, train_job, cfg, jobs, pool, "lr selection (selection seeds)") if jobs else {}
         validation = {(s, m, lr): [selection_runs[(s, m, lr, seed)]["validation"] for seed in seeds_of[m]]
                       for s in SETTINGS for m in SELECTED for lr in lr_grid}
-        if not lr_grid:  # one candidate: nothing to choose
-            validation = {(s, m, cfg.lrs[0]): [0.0] for s in SETTINGS for m in SELECTED}
-        chosen = choose_lrs(cfg, validation)
+        chosen = (choose_lrs(cfg, validation) if lr_grid  # one candidate: declared, nothing chosen
+                  else {s: {m: Selection.fixed(cfg.lrs[0]) for m in SELECTED} for s in SETTINGS})
         lr_of = {s: {m: chosen[s][m].chosen for m in SELECTED} for s in SETTINGS}
         jobs = [(s, m, lr_of[s][m], seed) for s in SETTINGS for m in METHODS for seed in seeds]
         runs = run_jobs(ctx, train_job, cfg, jobs, pool, "evidence seeds at the chosen lr")

@@ -20,7 +20,18 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
-from . import PartSpec, Protocol, Study, StudyContext, StudyOutcome, compare, decide, declared_compare, select_best
+from . import (
+    PartSpec,
+    Protocol,
+    Selection,
+    Study,
+    StudyContext,
+    StudyOutcome,
+    compare,
+    decide,
+    declared_compare,
+    select_best,
+)
 from .lm_training import (
     FULL,
     QUICK,
@@ -80,11 +91,14 @@ def run_packed(ctx: StudyContext, cfg: Config, proto: Protocol) -> StudyOutcome:
     with worker_pool(cfg, ctx) as pool:
         jobs = [(m, lr, seed) for m in SELECTED for lr in grid for seed in sel_seeds] if len(grid) > 1 else []
         sel = run_jobs(ctx, packed_job, cfg, jobs, pool, "packed lr selection") if jobs else {}
-        scores = {m: {lr: [sel[(m, lr, seed)]["validation"] for seed in sel_seeds] if jobs else [0.0] for lr in grid}
-                  for m in SELECTED}
-        chosen = {"uniform": select_best(scores["uniform"])}
-        for m in CLAIMED:
-            chosen[m] = select_best(scores[m], prefer=chosen["uniform"].chosen, tolerance=SELECTION_TOLERANCE)
+        if jobs:
+            scores = {m: {lr: [sel[(m, lr, seed)]["validation"] for seed in sel_seeds] for lr in grid}
+                      for m in SELECTED}
+            chosen = {"uniform": select_best(scores["uniform"])}
+            for m in CLAIMED:
+                chosen[m] = select_best(scores[m], prefer=chosen["uniform"].chosen, tolerance=SELECTION_TOLERANCE)
+        else:  # one candidate: declared, nothing chosen
+            chosen = {m: Selection.fixed(grid[0]) for m in SELECTED}
         lr_of = {m: chosen[m].chosen if m in chosen else chosen["uniform"].chosen for m in PACKED_METHODS}
         jobs = [(m, lr_of[m], seed) for m in PACKED_METHODS for seed in seeds]
         runs = run_jobs(ctx, packed_job, cfg, jobs, pool, "packed evidence seeds")

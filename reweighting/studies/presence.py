@@ -298,7 +298,7 @@ def run_with(ctx: StudyContext, cfg: Config, protocol: Protocol | None = None) -
     corruption, scope = selection.chosen.split("|")
     selected = setting_config(cfg, corruption, scope)
     per_seed = pool_map(evidence_seed, [(cfg, selected, seed, ctx.device) for seed in ctx.seeds],
-                        progress=lambda it, desc: ctx.progress(it, desc, total=len(ctx.seeds)), desc="evidence seeds")
+                        progress=ctx.progress, desc="evidence seeds")
     runs = {label: (c, gather([r[label] for r in per_seed], c)) for label, c in zip(SETTINGS, (cfg, selected))}
     parts = [p for label, (c, run) in runs.items() for p in setting_parts(protocol, label, run, c)]
     own = runs[SETTINGS[0]][1]

@@ -35,22 +35,25 @@ def pool_size(tasks: int) -> int:
 
 
 def pool_map(fn: Callable[..., T], args: Sequence[tuple[Any, ...]], workers: int | None = None,
-             progress: Callable[[Iterable[Any], str], Iterable[Any]] | None = None, desc: str = "tasks") -> list[T]:
+             progress: Callable[..., Iterable[Any]] | None = None, desc: str = "tasks") -> list[T]:
     """``[fn(*a) for a in args]``, in ``workers`` processes (default :func:`pool_size`), in order.
 
     ``fn`` must be a module-level function and its arguments and results picklable. ``progress``
-    (e.g. ``StudyContext.progress``) wraps the tasks as they finish, labelled ``desc``.
+    (e.g. ``StudyContext.progress``), called as ``progress(tasks, desc, total=len(args))``, wraps the
+    tasks as they finish.
     """
-    show = progress or (lambda it, _desc: it)
+    def show(items: Iterable[Any]) -> Iterable[Any]:
+        return items if progress is None else progress(items, desc, total=len(args))
+
     workers = pool_size(len(args)) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers!r}")
     if workers == 1 or len(args) <= 1:
-        return [fn(*a) for a in show(args, desc)]
+        return [fn(*a) for a in show(args)]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
         futures = [pool.submit(fn, *a) for a in args]
-        for _ in show(as_completed(futures), desc):  # results are read in order below
+        for _ in show(as_completed(futures)):  # results are read in order below
             pass
         return [f.result() for f in futures]
 

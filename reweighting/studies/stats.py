@@ -222,9 +222,16 @@ class Selection:
         return {"chosen": self.chosen, "mean_scores": self.scores, "stability": self.stability,
                 "selection_seeds": self.seeds, "resamples": self.resamples}
 
+    @classmethod
+    def fixed(cls, value: Any) -> Selection:
+        """A value declared in the protocol, not chosen: no scores, no selection seeds, no stability."""
+        return cls(chosen=value, scores={}, stability=None, seeds=0, resamples=0)
+
     def describe_stability(self) -> str:
-        """``"0.93"``, or why there is no figure (one selection seed)."""
-        return "n/a (one selection seed)" if self.stability is None else f"{self.stability:.2f}"
+        """``"0.93"``, or why there is no figure (a fixed value, or one selection seed)."""
+        if self.stability is not None:
+            return f"{self.stability:.2f}"
+        return "n/a (fixed, not chosen)" if self.seeds == 0 else "n/a (one selection seed)"
 
 
 def _argbest(means: Mapping[K, float], order: Sequence[K], lower_is_better: bool) -> K:

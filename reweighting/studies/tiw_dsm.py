@@ -247,7 +247,7 @@ def run_with_config(ctx: StudyContext, cfg: Config, protocol: Protocol | None = 
     protocol = protocol or make_protocol(cfg, seeds=len(ctx.seeds), first_seed=ctx.seeds[0])
     quiet = replace(ctx, show_progress=ctx.show_progress and pool_size(len(ctx.seeds)) == 1)
     per_seed = pool_map(run_seed, [(cfg, seed, quiet, seed == ctx.seeds[0]) for seed in ctx.seeds],
-                        progress=lambda it, desc: ctx.progress(it, desc, total=len(ctx.seeds)), desc="seeds")
+                        progress=ctx.progress, desc="seeds")
     res = {s: {k: {m: [r["metrics"][s][k][m] for r in per_seed] for m in SWEEP_METHODS[s]}
                for k in ("tv", "quality", "on_ring", "off_mode")} for s in SHARES}
     ratio_errors = {label: [r["ratio_errors"][label] for r in per_seed] for label in per_seed[0]["ratio_errors"]}

@@ -198,5 +198,19 @@ def test_one_fixed_lr_runs_without_selection(tmp_path):
     out = S.run_with(ctx, cfg, proto)
     assert out.config["chosen_lr"] == {s: {m: 6e-3 for m in S.SELECTED} for s in S.SETTINGS}
     assert "on 2 evidence seeds (100-101); one learning rate, 0.006, fixed before the run" in out.summary
-    assert all(v["selection_seeds"] == 1 and v["stability"] is None  # nothing was chosen, nothing resampled
+    # nothing was chosen: no selection seed, no score, no stability is recorded for the fixed lr
+    assert all(v["selection_seeds"] == 0 and v["mean_scores"] == {} and v["stability"] is None
                for s in S.SETTINGS for v in out.details["selection"][s].values())
+    assert "| redundant | uniform | 0.006 | - |" in out.summary
+
+
+def test_packed_study_at_one_fixed_lr_chooses_nothing(tmp_path):
+    from dataclasses import replace
+
+    cfg = replace(S.SMOKE, packed_lrs=(6e-3,), steps=4, eval_sequences=8)
+    proto = P.protocol(cfg, seeds=2, selection=0, first_seed=100)
+    ctx = StudyContext(quick=True, seeds=proto.evidence_seeds(), out_dir=tmp_path, device=torch.device("cpu"),
+                       show_progress=False)
+    out = P.run_packed(ctx, cfg, proto)
+    assert out.config["chosen_lr"] == {m: 6e-3 for m in P.PACKED_METHODS}
+    assert all(v["selection_seeds"] == 0 and v["mean_scores"] == {} for v in out.details["selection"].values())

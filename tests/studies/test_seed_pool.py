@@ -24,7 +24,8 @@ def test_pool_size_keeps_to_the_cores_given(monkeypatch):
 def test_pool_map_shows_each_task_as_it_finishes_and_keeps_the_order(workers):
     seen = []
 
-    def progress(items, desc):
+    def progress(items, desc, total):
+        assert total == len(tasks)
         for item in items:
             seen.append(desc)
             yield item

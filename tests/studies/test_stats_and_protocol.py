@@ -12,6 +12,7 @@ from reweighting.studies import (
     UNDERPOWERED,
     PartSpec,
     Protocol,
+    Selection,
     Study,
     StudyOutcome,
     compare,
@@ -156,6 +157,9 @@ def test_select_best_on_one_seed_has_no_stability_figure():
     assert s.chosen == "a" and s.stability is None and s.seeds == 1 and s.resamples == 0
     assert s.describe_stability() == "n/a (one selection seed)"
     assert select_best({"a": [1.0, 1.1], "b": [2.0, 2.1]}).describe_stability() == "1.00"
+    fixed = Selection.fixed(0.012)
+    assert fixed.chosen == 0.012 and fixed.scores == {} and fixed.seeds == 0 and fixed.stability is None
+    assert fixed.describe_stability() == "n/a (fixed, not chosen)"
 
 
 def test_selection_seeds_are_disjoint_from_evidence_seeds():
